@@ -1,0 +1,3 @@
+"""DIVA-GRPO on PyTorch Lightning."""
+
+__version__ = "0.1.0"
