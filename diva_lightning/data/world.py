@@ -127,15 +127,21 @@ def render_png(board: Board, cell_px: int = 28) -> bytes:
 
 
 def render_board(board: Board, cell_px: int = 28) -> torch.Tensor:
-    """The board as a float tensor ``[3, H, W]`` in ``[0, 1]`` without PNG encoding (the fast path)."""
-    size = len(board) * cell_px
-    canvas = torch.tensor(BACKGROUND, dtype=torch.uint8).view(3, 1, 1).repeat(1, size, size)
-    for r, c, color, shape in _objects(board):
-        cell = canvas[:, r * cell_px:(r + 1) * cell_px, c * cell_px:(c + 1) * cell_px]  # view [3, px, px]
-        mask = shape_mask(shape, cell_px)
-        for ch, value in enumerate(COLORS[color]):
-            cell[ch][mask] = value
-    return canvas.float().div_(255.0)
+    """The board as a float tensor ``[3, H, W]`` in ``[0, 1]`` without PNG encoding (the fast path).
+
+    Vectorised: a colour code per pixel is built for all cells at once, then looked up in a palette.
+    """
+    grid = len(board)
+    shape_code = torch.tensor([[SHAPES.index(c.split(" ")[1]) + 1 if c else 0 for c in row] for row in board])
+    color_code = torch.tensor([[list(COLORS).index(c.split(" ")[0]) + 1 if c else 0 for c in row]
+                               for row in board])  # [G, G], 0 = empty
+    masks = torch.stack([torch.zeros(cell_px, cell_px, dtype=torch.bool)]
+                        + [shape_mask(s, cell_px) for s in SHAPES])  # [S + 1, px, px]
+    ink = masks[shape_code]  # [G, G, px, px]
+    code = torch.where(ink, color_code[:, :, None, None], 0)  # [G, G, px, px]
+    code = code.permute(0, 2, 1, 3).reshape(grid * cell_px, grid * cell_px)  # [H, W]
+    palette = torch.tensor([BACKGROUND, *COLORS.values()], dtype=torch.float32) / 255.0  # [C + 1, 3]
+    return palette[code].permute(2, 0, 1).contiguous()  # [3, H, W]
 
 
 def render_tensor(record: QuestionRecord) -> torch.Tensor:
