@@ -1,0 +1,87 @@
+"""Rollout container and the engine protocol shared by the HF and vLLM generation back-ends."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from diva_lightning.models.policy import PolicyBundle
+
+
+@dataclass
+class Rollout:
+    """N = P * G sampled responses, grouped by prompt (the G responses of prompt p are contiguous).
+
+    Attributes:
+        prompt_index: [N] long, the prompt row (of the encoded batch) each response answers.
+        completion_ids: [N, T] long, generated tokens, padded after the end.
+        completion_mask: [N, T] long, 1 through the first stop token (inclusive), 0 after.
+        texts: N decoded responses (up to, not including, the stop token; special tokens dropped).
+        old_logp: [N, T] float32 log-probs under the sampling policy, when the engine provides them.
+        finished: [N] bool, whether the response ended with a stop token (False = truncated).
+    """
+
+    prompt_index: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+    old_logp: torch.Tensor | None = None
+    finished: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.completion_ids.shape[0]
+        if self.prompt_index.shape != (n,) or self.completion_mask.shape != self.completion_ids.shape:
+            raise ValueError("prompt_index must be [N] and completion_mask [N, T] like completion_ids")
+        if len(self.texts) != n:
+            raise ValueError(f"{len(self.texts)} texts for {n} responses")
+
+    @property
+    def num_responses(self) -> int:
+        return int(self.completion_ids.shape[0])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[N] number of real tokens per response."""
+        return self.completion_mask.sum(dim=1)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Samples ``num_generations`` responses for each encoded prompt."""
+
+    def generate(
+        self,
+        bundle: PolicyBundle,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        num_generations: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        do_sample: bool = True,
+        seed: int | None = None,
+    ) -> Rollout: ...
+
+
+def mask_after_stop(
+    completion_ids: torch.Tensor, stop_token_ids: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion mask that keeps tokens through the first stop token and drops everything after.
+
+    Args:
+        completion_ids: [N, T] long.
+        stop_token_ids: ids that end a response (e.g. ``<|im_end|>``, ``<|endoftext|>``).
+    Returns:
+        mask [N, T] long (1 = real token, the stop token included so the policy learns to stop),
+        finished [N] bool (a stop token occurred).
+    """
+    stops = torch.tensor(list(stop_token_ids), device=completion_ids.device, dtype=completion_ids.dtype)
+    is_stop = torch.isin(completion_ids, stops)  # [N, T]
+    # number of stop tokens strictly before each position: 0 means "not yet ended"
+    stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    mask = (stops_before == 0).long()
+    return mask, is_stop.any(dim=1)
