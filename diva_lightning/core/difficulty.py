@@ -101,6 +101,8 @@ class DifficultyStats:
     count: Tensor
 
     def __post_init__(self) -> None:
+        # Accept any sequence of ids (e.g. a list from all_gather_object) but store an immutable tuple.
+        object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
         check_1d("correct", self.correct)
         check_1d("count", self.count)
         if not (len(self.ids) == self.correct.shape[0] == self.count.shape[0]):
@@ -168,7 +170,13 @@ class DifficultyTable:
     # ---- reading -------------------------------------------------------------------------------
     def lookup(self, ids: Sequence[str]) -> Tensor:
         """Tensor[len(ids)] float32 of difficulties; unknown ids get ``initial``."""
+        if isinstance(ids, str):
+            raise ValueError("ids must be a sequence of question ids, got a single str")
         return torch.tensor([self._values.get(str(i), self.initial) for i in ids], dtype=torch.float32)
+
+    def values(self) -> Tensor:
+        """Tensor[len(self)] float32 of the stored values, in the order ids were first stored."""
+        return torch.tensor(list(self._values.values()), dtype=torch.float32)
 
     def as_dict(self) -> dict[str, float]:
         """A copy of the stored values (ids that were updated at least once)."""

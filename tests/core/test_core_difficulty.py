@@ -119,6 +119,7 @@ def test_table_lookup_defaults_and_update_aggregates_duplicates() -> None:
     assert table.lookup(["a", "b", "zzz"]).tolist() == [6.0, 3.0, 5.0]
     assert len(table) == 2 and "a" in table and "zzz" not in table
     assert table.as_dict() == {"b": 3.0, "a": 6.0}
+    assert table.values().tolist() == [3.0, 6.0]
 
 
 def test_table_update_rejects_bad_counts() -> None:
@@ -160,6 +161,10 @@ def test_merge_stats_hand_worked() -> None:
     merged = DifficultyTable.merge_stats([r0, r1])
     assert merged.ids == ("a", "b", "c")  # sorted
     assert merged.correct.tolist() == [5, 1, 0] and merged.count.tolist() == [10, 5, 5]
+    # ids given as a list (as all_gather_object returns them) are stored as a tuple
+    assert DifficultyStats(["x"], t(1), t(2)).ids == ("x",)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="length mismatch: ids=2, correct=1, count=1"):
+        DifficultyStats(("x", "y"), t(1), t(2))
 
 
 stats_entries = st.lists(
