@@ -179,7 +179,8 @@ def load_policy(
     local = Path(path_or_hub_id).expanduser()
     raw = str(path_or_hub_id)
     # local path first; only an "org/name"-shaped string that is not a directory goes to the hub
-    looks_like_path = isinstance(path_or_hub_id, Path) or raw.startswith(("/", ".", "~")) or raw.count("/") != 1
+    looks_like_path = isinstance(path_or_hub_id, Path) or raw.startswith(("/", ".", "~"))
+    looks_like_path = looks_like_path or raw.count("/") != 1
     if not local.is_dir() and looks_like_path:
         raise FileNotFoundError(f"no checkpoint directory at {raw!r} (hub ids look like 'org/name')")
     local_only = local.is_dir()

@@ -75,7 +75,8 @@ def test_chat_template_is_chatml(tokenizer) -> None:  # type: ignore[no-untyped-
     out = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
     assert (
         out
-        == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Q<|im_end|>\n"
+        == "<|im_start|>system\nS<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Q<|im_end|>\n"
     )
 
 
@@ -102,7 +103,7 @@ def test_build_is_deterministic_in_seed() -> None:
     rng_before = torch.get_rng_state()
     m0, m0b, m1 = (build_tiny_model(tok_a, seed=s, dims=dims) for s in (0, 0, 1))
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG stream is untouched
-    for (name, p0), p0b, p1 in zip(m0.named_parameters(), m0b.parameters(), m1.parameters()):
+    for (name, p0), p0b in zip(m0.named_parameters(), m0b.parameters()):
         assert torch.equal(p0, p0b), name
     assert not torch.equal(m0.lm_head.weight, m1.lm_head.weight)
 
