@@ -1,0 +1,6 @@
+"""Reusable Lightning callbacks (usable outside diva-lightning; each module documents its contract)."""
+
+from diva_lightning.callbacks.advantage_monitor import AdvantageMonitor, monitor_metrics
+from diva_lightning.callbacks.difficulty import DifficultyCallback
+
+__all__ = ["AdvantageMonitor", "DifficultyCallback", "monitor_metrics"]

@@ -1,0 +1,104 @@
+"""`AdvantageMonitor`: logs the GRPO/DIVA signal-health metrics of design.md section 7.
+
+Usable in any Lightning project. It reads, from the dict returned by `training_step`, per-response tensors of
+length N (missing optional keys just skip their metrics):
+
+| key | shape | meaning | required |
+|---|---|---|---|
+| `rewards` | [N] float | shaped reward | yes |
+| `prompt_ids` | [N] int | local group (responses to one prompt) | yes |
+| `family_ids` | [N] int | global group (question + its variants) | no |
+| `is_original` | [N] bool | response to the unmodified question | no |
+| `accuracy`, `format` | [N] float | reward components | no |
+| `tier` | [N] int | 0 easy, 1 medium, 2 hard | no |
+| `completion_lengths` | [N] int | tokens per response | no |
+| `advantages` | [N] float | final advantage per response | no |
+| `timings` | dict[str, float] | seconds per phase (rollout, reward, advantage, update) | no |
+
+Logged: `reward`, `reward_std`, `rewards/accuracy`, `rewards/format`, `frac_reward_zero_std`,
+`frac_family_zero_std`, `variant_rescue_rate`, `completions/mean_length`, `tier/{easy,medium,hard}/count` and
+`/accuracy`, `advantage/{mean,std,abs_mean}`, `frac_zero_advantage`, `timing/<phase>_s`.
+With several ranks, fractions are computed per rank and averaged by Lightning (`sync_dist`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from diva_lightning.core.metrics import variant_rescue_rate, zero_std_fraction
+
+TIER_NAMES = ("easy", "medium", "hard")
+
+
+def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
+    """The metrics for one step's outputs (pure function of the outputs dict; see module docstring)."""
+    for key in ("rewards", "prompt_ids"):
+        if key not in outputs:
+            raise KeyError(f"AdvantageMonitor: training_step outputs lack required key {key!r}")
+    rewards: Tensor = outputs["rewards"].detach().double().cpu()
+    prompt_ids: Tensor = outputs["prompt_ids"].detach().cpu()
+    m: dict[str, float] = {
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "frac_reward_zero_std": zero_std_fraction(rewards, prompt_ids),
+    }
+    for name in ("accuracy", "format"):
+        if name in outputs:
+            m[f"rewards/{name}"] = float(outputs[name].detach().double().mean())
+    family = outputs.get("family_ids")
+    if family is not None:
+        family = family.detach().cpu()
+        m["frac_family_zero_std"] = zero_std_fraction(rewards, family)
+        if "is_original" in outputs:
+            rate = variant_rescue_rate(rewards, prompt_ids, family, outputs["is_original"].detach().cpu())
+            if rate is not None:
+                m["variant_rescue_rate"] = rate
+    if "completion_lengths" in outputs:
+        m["completions/mean_length"] = float(outputs["completion_lengths"].detach().double().mean())
+    if "tier" in outputs:
+        tier = outputs["tier"].detach().cpu()
+        acc = outputs.get("accuracy")
+        for code, name in enumerate(TIER_NAMES):
+            sel = tier == code
+            m[f"tier/{name}/count"] = float(sel.sum())
+            if acc is not None and bool(sel.any()):
+                m[f"tier/{name}/accuracy"] = float(acc.detach().cpu().double()[sel].mean())
+    if "advantages" in outputs:
+        adv = outputs["advantages"].detach().double().cpu()
+        m["advantage/mean"] = float(adv.mean())
+        m["advantage/std"] = float(adv.std()) if adv.numel() > 1 else 0.0
+        m["advantage/abs_mean"] = float(adv.abs().mean())
+        m["frac_zero_advantage"] = float((adv.abs() < 1e-8).double().mean())
+    for phase, seconds in outputs.get("timings", {}).items():
+        m[f"timing/{phase}_s"] = float(seconds)
+    return m
+
+
+class AdvantageMonitor(Callback):
+    """Logs reward spread, advantage-vanishing rates, variant rescue and timings after every training batch.
+
+    Args:
+        prefix: prepended to every metric name (e.g. "train/").
+        log_every_n_steps: log only every n-th batch (the metrics are cheap; this only trims log volume).
+    """
+
+    def __init__(self, prefix: str = "", log_every_n_steps: int = 1) -> None:
+        if log_every_n_steps < 1:
+            raise ValueError(f"AdvantageMonitor: log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        self.prefix, self.log_every_n_steps = prefix, log_every_n_steps
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx % self.log_every_n_steps or not isinstance(outputs, dict):
+            return
+        metrics = monitor_metrics(outputs)
+        pl_module.log_dict({self.prefix + k: v for k, v in metrics.items()}, on_step=True, on_epoch=False,
+                           sync_dist=trainer.world_size > 1, batch_size=int(outputs["rewards"].numel()))

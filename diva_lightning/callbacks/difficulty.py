@@ -1,0 +1,204 @@
+"""`DifficultyCallback`: owns the per-question difficulty table and updates it from rollout accuracy.
+
+Usable in any Lightning project. The contract:
+
+- **Input.** After each training batch the callback reads, from the dict returned by `training_step` (or, if that
+  returns a tensor/None, from `pl_module.difficulty_outputs`), either
+  `"difficulty_stats"`: a `core.difficulty.DifficultyStats` (question ids, correct counts, response counts), or
+  `"question_ids"` (list[str], one per response) with `"accuracy"` (tensor [N] of 0/1 or fractions).
+  Accuracy must be the correctness term, not a shaped reward.
+- **Output.** `callback.table` (a `DifficultyTable`). In `setup` the table is attached to
+  `trainer.datamodule.difficulty_table` and `pl_module.difficulty_table` when those attributes exist, so a data
+  pipeline can read the live difficulties.
+- **Distributed.** The (id, correct, count) statistics of every rank are gathered and merged in a fixed order,
+  then applied on every rank: all ranks hold identical tables after every update.
+- **Checkpoints.** The table (and pending statistics for epoch cadence) is saved in the callback state.
+- **Logging.** `difficulty/mean`, `difficulty/std`, `difficulty/frac_{easy,medium,hard}` and the histogram
+  (`difficulty/hist_<bin>`, fraction of known questions per unit bin; also a real histogram to loggers that
+  support it, such as TensorBoard and wandb).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from diva_lightning.core.difficulty import DifficultyStats, DifficultyTable
+from diva_lightning.core.tiers import tier_of
+
+log = logging.getLogger(__name__)
+
+
+def stats_from_outputs(outputs: Any) -> DifficultyStats | None:
+    """Extract per-question statistics from a step's outputs (see module docstring for the accepted keys)."""
+    if not isinstance(outputs, dict):
+        return None
+    if isinstance(outputs.get("difficulty_stats"), DifficultyStats):
+        return outputs["difficulty_stats"]
+    if "question_ids" in outputs and "accuracy" in outputs:
+        ids = list(outputs["question_ids"])
+        acc = torch.as_tensor(outputs["accuracy"], dtype=torch.float64).detach().cpu().flatten()
+        if len(ids) != acc.numel():
+            raise ValueError(
+                f"DifficultyCallback: outputs['question_ids'] has {len(ids)} entries but outputs['accuracy'] "
+                f"has {acc.numel()}; they must be one per response"
+            )
+        return DifficultyTable.merge_stats([DifficultyStats(ids, acc, torch.ones_like(acc))])
+    return None
+
+
+class DifficultyCallback(Callback):
+    """Maintains DIVA's dynamic difficulty (design.md section 3).
+
+    Args:
+        rule: "linear" (paper) or "binned" (official bins).
+        eta: step size of the linear rule.
+        d_min / d_max / initial: the difficulty scale and the starting value of unseen questions.
+        update: "step" (update after every training batch) or "epoch" (accumulate, apply at epoch end).
+        warmup_steps: plain GRPO for this many steps: no updates (statistics are discarded).
+        d_mid / band: tier boundaries, used for the logged tier fractions.
+        log_histogram: log the per-bin fractions of the table.
+    """
+
+    def __init__(
+        self,
+        rule: str = "linear",
+        eta: float = 4.0,
+        d_min: float = 1.0,
+        d_max: float = 9.0,
+        initial: float = 5.0,
+        update: str = "step",
+        warmup_steps: int = 0,
+        d_mid: float = 5.0,
+        band: float = 0.5,
+        log_histogram: bool = True,
+    ) -> None:
+        problems = []
+        if rule not in ("linear", "binned"):
+            problems.append(f"rule must be 'linear' or 'binned', got {rule!r}")
+        if update not in ("step", "epoch"):
+            problems.append(f"update must be 'step' or 'epoch', got {update!r}")
+        if not d_min <= initial <= d_max:
+            problems.append(f"initial {initial} outside [{d_min}, {d_max}]")
+        if warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if eta < 0:
+            problems.append(f"eta must be >= 0, got {eta}")
+        if problems:
+            raise ValueError("DifficultyCallback: " + "; ".join(problems))
+        self.update, self.warmup_steps = update, warmup_steps
+        self.d_mid, self.band, self.log_histogram = d_mid, band, log_histogram
+        self.table = DifficultyTable(initial=initial, d_min=d_min, d_max=d_max, eta=eta, rule=rule)
+        self.num_updates = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(rule=self.table.rule, update=self.update)
+
+    # ---------------------------------------------------------------------------------------------- wiring
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for owner in (getattr(trainer, "datamodule", None), pl_module):
+            if owner is not None and hasattr(owner, "difficulty_table"):
+                owner.difficulty_table = self.table
+
+    # ---------------------------------------------------------------------------------------------- update
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stats = stats_from_outputs(outputs)
+        if stats is None:
+            stats = stats_from_outputs(getattr(pl_module, "difficulty_outputs", None))
+        if stats is None:
+            raise KeyError(
+                "DifficultyCallback: training_step outputs carry neither 'difficulty_stats' nor "
+                "'question_ids' + 'accuracy' (see diva_lightning.callbacks.difficulty for the contract)"
+            )
+        stats = self._gather(stats)
+        # trainer.global_step counts optimizer steps; with manual optimization it is already incremented here.
+        if trainer.global_step <= self.warmup_steps:
+            return
+        if self.update == "step":
+            self.table.update(stats.ids, stats.correct, stats.count)
+            self.num_updates += 1
+            self._log(pl_module)
+        else:
+            self.table.accumulate(stats.ids, stats.correct, stats.count)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.update == "epoch":
+            self.table.flush()
+            self.num_updates += 1
+            self._log(pl_module, epoch_end=True)
+
+    def _gather(self, stats: DifficultyStats) -> DifficultyStats:
+        """Merge every rank's statistics in rank order, so every rank applies the identical update."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return stats
+        payload = (list(stats.ids), stats.correct.double().cpu().tolist(), stats.count.double().cpu().tolist())
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, payload)
+        parts = [DifficultyStats(ids, torch.tensor(c, dtype=torch.float64), torch.tensor(n, dtype=torch.float64))
+                 for ids, c, n in gathered]
+        return DifficultyTable.merge_stats(parts)
+
+    def _log(self, pl_module: pl.LightningModule, *, epoch_end: bool = False) -> None:
+        values = self.table.values()
+        if values.numel() == 0:
+            return
+        metrics: dict[str, float] = {
+            "difficulty/mean": float(values.mean()),
+            "difficulty/std": float(values.std()) if values.numel() > 1 else 0.0,
+            "difficulty/num_updates": float(self.num_updates),
+        }
+        tiers = [tier_of(float(v), d_mid=self.d_mid, band=self.band) for v in values.tolist()]
+        for name in ("easy", "medium", "hard"):
+            metrics[f"difficulty/frac_{name}"] = tiers.count(name) / len(tiers)
+        if self.log_histogram:
+            for b, frac in enumerate(self.histogram_fractions(values)):
+                metrics[f"difficulty/hist_{int(self.table.d_min) + b}"] = frac
+            self._log_native_histogram(pl_module, values)
+        # Identical on every rank by construction: no cross-rank reduction needed.
+        # Lightning allows only epoch-level logging from on_train_epoch_end.
+        pl_module.log_dict(metrics, on_step=not epoch_end, on_epoch=epoch_end, rank_zero_only=True)
+
+    def histogram_fractions(self, values: Tensor) -> list[float]:
+        """Fractions of questions per unit-wide bin [d_min, d_min+1), ..., [d_max-1, d_max]."""
+        nbins = int(round(self.table.d_max - self.table.d_min))
+        idx = (values - self.table.d_min).floor().clamp(0, nbins - 1).long()
+        counts = torch.bincount(idx, minlength=nbins).double()
+        return (counts / counts.sum()).tolist()
+
+    def _log_native_histogram(self, pl_module: pl.LightningModule, values: Tensor) -> None:
+        trainer = pl_module.trainer
+        for logger in trainer.loggers if trainer is not None else []:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_histogram"):  # TensorBoard
+                experiment.add_histogram("difficulty/hist", values, trainer.global_step)
+            elif type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                logger.experiment.log({"difficulty/hist": wandb.Histogram(values.numpy()),
+                                       "trainer/global_step": trainer.global_step})
+
+    # ------------------------------------------------------------------------------------------ checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"table": self.table.state_dict(), "num_updates": self.num_updates}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Mutate in place: the datamodule and module hold references to this very table.
+        if "table" in state_dict:
+            self.table.load_state_dict(state_dict["table"])
+        self.num_updates = int(state_dict.get("num_updates", 0))

@@ -1,0 +1,99 @@
+"""The batch of question families that the DataModule emits and the module consumes.
+
+One batch holds P prompts: for each of B questions the original prompt followed by its V variants. Images are
+kept as a flat list (a prompt may have zero or several) with `image_owner[j]` the prompt of image j, so records
+with differently sized images still batch; the perturbation step groups them by shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diva_lightning.data.perturb import PerturbParams
+
+KIND_CODES = {"original": 0, "paraphrase": 1, "image": 2, "hint": 3}
+TIER_CODES = {"easy": 0, "medium": 1, "hard": 2}
+
+
+@dataclass
+class FamilyBatch:
+    """P prompts grouped into families (original question + its variants).
+
+    Attributes:
+        problems: prompt texts after host-side edits (paraphrase, hints, rotation notice), len P.
+        answers: ground-truth answer per prompt, len P.
+        question_ids: string id of the *original* question of each prompt, len P.
+        family_index: int64 [P], 0..B-1, the family (question) of each prompt within this batch.
+        is_original: bool [P], True for the unmodified question.
+        difficulty: float32 [P], the prompt's own label: question D plus the variant's delta (design.md 2.1).
+        question_difficulty: float32 [P], the question's D when the batch was planned.
+        tier: int64 [P], codes of TIER_CODES (tier of the question).
+        kind: int64 [P], codes of KIND_CODES.
+        level: int64 [P], intrinsic level from the record's meta (-1 when unknown), for per-level metrics.
+        images: flat list of float [3,H,W] images in [0, 1].
+        image_owner: int64 [num_images], prompt index of each image.
+        perturb: per-image perturbation parameters (identity for originals and text variants).
+    """
+
+    problems: list[str]
+    answers: list[str]
+    question_ids: list[str]
+    family_index: Tensor
+    is_original: Tensor
+    difficulty: Tensor
+    question_difficulty: Tensor
+    tier: Tensor
+    kind: Tensor
+    level: Tensor
+    images: list[Tensor]
+    image_owner: Tensor
+    perturb: PerturbParams
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    @property
+    def num_questions(self) -> int:
+        return int(self.family_index.max().item()) + 1 if len(self) else 0
+
+    def images_of(self, prompt: int) -> list[Tensor]:
+        return [img for img, owner in zip(self.images, self.image_owner.tolist()) if owner == prompt]
+
+    def images_per_prompt(self) -> list[list[Tensor]]:
+        out: list[list[Tensor]] = [[] for _ in range(len(self))]
+        for img, owner in zip(self.images, self.image_owner.tolist()):
+            out[owner].append(img)
+        return out
+
+    def to(self, device: torch.device | str) -> FamilyBatch:
+        """Lightning calls this in `batch_to_device`; text stays on the host."""
+        return replace(
+            self,
+            family_index=self.family_index.to(device),
+            is_original=self.is_original.to(device),
+            difficulty=self.difficulty.to(device),
+            question_difficulty=self.question_difficulty.to(device),
+            tier=self.tier.to(device),
+            kind=self.kind.to(device),
+            level=self.level.to(device),
+            images=[img.to(device) for img in self.images],
+            image_owner=self.image_owner.to(device),
+            perturb=self.perturb.to(device),
+        )
+
+
+@dataclass
+class QuestionBatch:
+    """What the dataloader yields: B original questions, before variant planning (done at step time)."""
+
+    records: list[Any]  # list[QuestionRecord]
+    images: list[list[Tensor]]  # per question, float [3,H,W] in [0,1]
+    position: int  # global index of this batch in the stream (for the data position in checkpoints)
+
+    def __len__(self) -> int:
+        return len(self.records)
