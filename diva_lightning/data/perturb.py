@@ -165,29 +165,27 @@ class PerturbParams:
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32) held in int64, without signed overflow (split c in halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+def _fmix32_(x: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser, in place on int64 x in [0, 2**32): a bijection with full avalanche.
 
-
-def _fmix32(x: Tensor) -> Tensor:
-    """murmur3's 32-bit finaliser: a bijection on [0, 2**32) with full avalanche."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+    The products overflow int64; every torch backend wraps them in two's complement (CPU and CUDA alike,
+    which ``test_cuda_matches_cpu`` checks) and the mask keeps the exact low 32 bits.
+    """
+    x.bitwise_xor_(x >> 16).mul_(0x85EBCA6B).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 13).mul_(0xC2B2AE35).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
 
 
 def _hash(keys: Tensor, count: int, stream: int) -> Tensor:
     """int64 [n, count] of 32-bit hashes: a pure function of (key, position, stream).
 
     The position hash is shared by all samples ([count], cheap); one finaliser per element then mixes in
-    the per-sample key, which keeps the per-element cost at one ``_fmix32``.
+    the per-sample key, which keeps the per-element cost at one ``_fmix32_``.
     """
-    k = _fmix32((keys & _M32) ^ _fmix32(((keys >> 32) & _M32) ^ stream))  # [n]
-    ctr = _fmix32(_mul32(torch.arange(count, device=keys.device, dtype=torch.int64), 0x9E3779B9) ^ stream)
-    return _fmix32(ctr[None, :] ^ k[:, None])  # [n, count]
+    k = _fmix32_((keys & _M32) ^ _fmix32_(((keys >> 32) & _M32) ^ stream))  # [n]
+    ctr = torch.arange(count, device=keys.device, dtype=torch.int64).mul_(0x9E3779B9).bitwise_and_(_M32)
+    ctr = _fmix32_(ctr.bitwise_xor_(stream))  # [count]
+    return _fmix32_(ctr[None, :] ^ k[:, None])  # [n, count]
 
 
 def _uniform(keys: Tensor, count: int, stream: int) -> Tensor:
