@@ -11,6 +11,10 @@ Rules (design.md section 2.4):
   must then name one letter in any of those forms, case-insensitively (``(b)`` counts as B: models
   often lower-case), optionally followed by the option text (``(C) 15`` is C). Letters are compared as
   strings; math-verify is not consulted, so ``B`` never equals a symbol ``b`` in an expression.
+- Words: when the gold answer is a plain word or phrase (two or more letters, spaces, hyphens,
+  apostrophes; e.g. ``yes``, ``right triangle``), the box must spell it, ignoring case, whitespace,
+  ``\text{}`` wrappers and a final period. math-verify would read a word as a product of symbols and
+  accept any anagram (``sey`` == ``yes``). A gold ``xy`` is therefore a word too: ``yx`` scores 0.
 - Everything else: both strings are wrapped in ``$...$`` and parsed by math-verify, which then equates
   ``\frac{1}{2}`` and ``0.5``, ``45^\circ`` and ``45``, ``50\%`` and ``0.5``, ``x=3`` and ``3``,
   ``6\text{ cm}`` and ``6``, ``\{1,2\}`` and ``\{2,1\}`` (without the ``$``, bare answers often do not
@@ -54,6 +58,7 @@ _BOX_OPEN = re.compile(r"\\boxed\s*\{")
 # the option's text after whitespace.
 _CHOICE = re.compile(r"^\(?\s*([A-Za-z])\s*\)?\s*[.:)]?(?:\s+.*)?$", re.DOTALL)
 _GOLD_CHOICE = re.compile(r"^\(?\s*([A-Z])\s*\)?\s*[.:)]?$")
+_GOLD_WORD = re.compile(r"^[A-Za-z][A-Za-z\s'-]*[A-Za-z]$")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 
 
@@ -87,6 +92,11 @@ def _strip_wrappers(s: str) -> str:
         if unwrapped == s:
             return s
         s = unwrapped
+
+
+def _word_key(s: str) -> str:
+    r"""Case- and whitespace-free form of a word answer: ``\text{Right  Triangle.}`` -> ``righttriangle``."""
+    return "".join(_strip_wrappers(s).rstrip(".").split()).lower()
 
 
 def choice_letter(s: str, *, gold: bool = False) -> str | None:
@@ -154,6 +164,8 @@ def accuracy_reward(response: str, answer: str) -> float:
     gold_letter = choice_letter(gold, gold=True)
     if gold_letter is not None:
         return 1.0 if choice_letter(pred) == gold_letter else 0.0
+    if _GOLD_WORD.match(_strip_wrappers(gold)):
+        return 1.0 if _word_key(pred) == _word_key(gold) else 0.0
     gold_parsed = _parse(gold.strip("$").strip())
     pred_parsed = _parse(pred.strip().strip("$"))
     if not gold_parsed or not pred_parsed or not (_safe(gold_parsed) and _safe(pred_parsed)):
