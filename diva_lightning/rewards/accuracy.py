@@ -85,7 +85,7 @@ def last_boxed(response: str) -> str | None:
 
 
 def _strip_wrappers(s: str) -> str:
-    """Drop surrounding ``$``, whitespace and ``\text{...}``-style wrappers (repeatedly, for nesting)."""
+    r"""Drop surrounding ``$``, whitespace and ``\text{...}``-style wrappers (repeatedly, for nesting)."""
     s = s.strip().strip("$").strip()
     while True:
         unwrapped = _TEXT_WRAPPER.sub(r"\1", s).strip()
