@@ -92,6 +92,18 @@ class PolicyBundle:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def save(self, out_dir: str | Path) -> Path:
+        """Write model, tokenizer and image processor in the standard layout that `load_policy` reads.
+
+        The image processor is saved on its own: a full Qwen-VL processor save needs a video processor.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        return out
+
     # prompts ---------------------------------------------------------------------------------------
     def build_prompt(self, problem: str) -> str:
         """Chat-formatted prompt: a user turn (``<image>`` -> vision placeholder) + the assistant header."""

@@ -143,6 +143,9 @@ class CombinedReward:
 def load_reward_fn(path: str | Callable[..., Any], *, check_batched: bool = True) -> Callable[..., Any]:
     """Resolve ``"package.module:attr.path"`` to a callable (a class is instantiated without arguments).
 
+    The dotted form ``"package.module.function"`` (how jsonargparse writes a function into a config) is
+    accepted too: its last component is the attribute.
+
     Args:
         path: the import path, or an already callable object (returned as is, after the checks).
         check_batched: also check that it accepts ``(responses, answers)`` positionally.
@@ -154,8 +157,10 @@ def load_reward_fn(path: str | Callable[..., Any], *, check_batched: bool = True
     """
     if isinstance(path, str):
         module_name, sep, attr_path = path.partition(":")
+        if not sep and "." in path:
+            module_name, sep, attr_path = path.rpartition(".")
         if not sep or not module_name or not attr_path:
-            raise ValueError(f"reward function path must look like 'package.module:function', got {path!r}")
+            raise ValueError(f"reward function path must look like 'package.module:function' or 'package.module.function', got {path!r}")
         try:
             obj: Any = importlib.import_module(module_name)
         except ModuleNotFoundError as err:

@@ -1,6 +1,7 @@
 """Run the foreign module with 2-process CPU DDP (gloo); each rank sees different questions.
 
-Writes, per rank, the difficulty table after every update to OUT/rank<r>.pt. Usage: python ddp_difficulty.py OUT
+Writes, per rank, the difficulty table after every update to OUT/rank<r>.pt.
+Usage: python ddp_difficulty.py OUT
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A LightningModule that is not ours: a toy 'answering' model used to show the callbacks are reusable.
 
 Each training batch is a list of question ids. The module answers each question twice; its correctness is a
-fixed table (q0 always right, q1 always wrong, q2 right once of two, q3 always right), so the expected difficulty
-trajectory can be computed by hand. It returns the documented callback keys from `training_step`.
+fixed table (q0 always right, q1 always wrong, q2 right once of two, q3 always right), so the expected
+difficulty trajectory can be computed by hand. It returns the documented callback keys from `training_step`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""DivaGRPOModule through the real CLI and Trainer, on the real tiny model and world."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from diva_lightning.cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_args(policy: str, root: Path, *extra: str, steps: int = 2) -> list[str]:
+    return [
+        "fit", "--config", str(REPO / "experiments/full.yaml"), *extra,
+        "--model.init_args.policy", policy,
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000",
+        "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(root),
+        "--trainer.callbacks+=tests.helpers.recorder.Recorder",
+        "--data.init_args.questions_per_step", "2", "--data.init_args.world.train_size", "24",
+        "--data.init_args.world.val_size", "8", "--data.init_args.world.test_size", "8",
+        "--model.init_args.num_generations", "3", "--model.init_args.train_sampling.max_new_tokens", "10",
+        "--model.init_args.reward.init_args.accuracy_fn", "tests.helpers.rewards.contains_one",
+        "--model.init_args.lr", "1e-2", "--build_base_policy", "false",
+    ]
+
+
+def _recorder(trainer: pl.Trainer) -> Any:
+    return next(c for c in trainer.callbacks if type(c).__name__ == "Recorder")
+
+
+def test_step_feeds_difficulty_and_monitor(tiny_policy_dir: str, tmp_path: Path) -> None:
+    cli = run_cli(small_args(tiny_policy_dir, tmp_path, steps=2))
+    rec = _recorder(cli.trainer)
+    assert len(rec.outputs) == 2
+    for out in rec.outputs:
+        # B=2 questions x (original + V=1 variant) x G=3 responses
+        assert out["rewards"].shape == (12,)
+        assert out["prompt_ids"].tolist() == [p for p in range(4) for _ in range(3)]
+        assert out["family_ids"].tolist() == [0] * 6 + [1] * 6
+        # reward = 0.9 * accuracy + 0.1 * format; the untrained policy never has the format
+        assert torch.allclose(out["rewards"], 0.9 * out["accuracy"])
+    # the difficulty update by hand: D = clip(D_old + 4 * (0.5 - family accuracy)) over all 6 responses
+    expected: dict[str, float] = {}
+    for out in rec.outputs:
+        for fam in (0, 1):
+            sel = out["family_ids"] == fam
+            qid = out["question_ids"][int(sel.nonzero()[0])]
+            acc = float(out["accuracy"][sel].mean())
+            old = expected.get(qid, 5.0)
+            expected[qid] = min(9.0, max(1.0, old + 4.0 * (0.5 - acc)))
+    assert rec.tables[-1] == pytest.approx(expected)
+    with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("reward")]
+    first = rec.outputs[0]
+    groups = [first["rewards"][i : i + 3] for i in range(0, 12, 3)]
+    zero = sum(float(g.max() - g.min()) == 0 for g in groups) / 4
+    assert float(rows[0]["frac_reward_zero_std"]) == pytest.approx(zero)
+    assert float(rows[0]["reward"]) == pytest.approx(float(first["rewards"].mean()), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tiny_policy_dir: str, tmp_path: Path) -> None:
+    """A run stopped at step 2 and resumed to step 4 ends with the same table, metrics and weights."""
+    extra = ["--trainer.deterministic", "true",
+             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+             "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"),
+             "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"]
+    full = run_cli(small_args(tiny_policy_dir, tmp_path / "full", *extra, steps=4))
+    ckpt = next((tmp_path / "ckpt").glob("*step=2*.ckpt"))
+    resumed = run_cli(small_args(tiny_policy_dir, tmp_path / "resumed", steps=4) + ["--ckpt_path", str(ckpt)])
+    a, b = _recorder(full.trainer), _recorder(resumed.trainer)
+    assert len(b.outputs) == 2  # steps 3 and 4 only
+    assert a.tables[-1] == b.tables[-1]
+    for key in ("rewards", "advantages", "completion_lengths"):
+        assert torch.equal(a.outputs[-1][key], b.outputs[-1][key]), key
+    assert a.outputs[-1]["question_ids"] == b.outputs[-1]["question_ids"]
+    for (name, p), q in zip(full.model.policy.named_parameters(), resumed.model.policy.parameters()):
+        assert torch.equal(p, q), name
+    # the updates were real: the weights moved away from the base policy
+    base = run_cli(small_args(tiny_policy_dir, tmp_path / "base", steps=0))
+    pairs = zip(full.model.policy.parameters(), base.model.policy.parameters())
+    moved = [not torch.equal(p, q) for p, q in pairs]
+    assert any(moved)
