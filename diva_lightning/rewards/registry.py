@@ -160,7 +160,8 @@ def load_reward_fn(path: str | Callable[..., Any], *, check_batched: bool = True
         if not sep and "." in path:
             module_name, sep, attr_path = path.rpartition(".")
         if not sep or not module_name or not attr_path:
-            raise ValueError(f"reward function path must look like 'package.module:function' or 'package.module.function', got {path!r}")
+            raise ValueError("reward function path must look like 'package.module:function' or "
+                             f"'package.module.function', got {path!r}")
         try:
             obj: Any = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
