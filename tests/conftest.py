@@ -28,3 +28,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An untrained tiny Qwen2.5-VL whose tokenizer covers the world's text (built in ~1 s)."""
+    from diva_lightning.data.world import generate_world, world_corpus
+    from diva_lightning.models.tiny import build_tiny_policy
+
+    out = tmp_path_factory.mktemp("tiny_policy")
+    build_tiny_policy(out, world_corpus(generate_world(300, seed=0, split="train")), seed=0)
+    return str(out)
