@@ -1,0 +1,194 @@
+"""Write the sweep's tables and plots from a study (or from plain run folders).
+
+Outputs in the sweep folder: `table2.md`/`table2.csv` (final and best val/accuracy, mean ± std over seeds, delta
+to full), `efficiency.md`/`efficiency.csv` (steps and seconds to reach GRPO's best, ratio to GRPO), `report.md`
+(both tables), and PNGs: `val_accuracy_vs_step.png`, `val_accuracy_vs_time.png`, `frac_reward_zero_std.png`,
+`difficulty_hist_full.png`.
+
+    python sweeps/report.py --storage sqlite:///outputs/ablate/study.db --study diva-ablate --out outputs/ablate
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps._common import BASELINE_ROW, FULL_ROW, ROWS  # noqa: E402
+from sweeps.runlog import columns, read_metrics, series, val_curve, val_times  # noqa: E402
+from sweeps.tables import efficiency, fmt, mean_curve, signed, table2  # noqa: E402
+
+
+@dataclass
+class RunData:
+    """One finished cell's logs, reduced to what the report needs."""
+
+    row: str
+    seed: int
+    metrics: list[dict[str, float]]
+
+    @property
+    def curve(self) -> list[tuple[int, float]]:
+        return val_curve(self.metrics)
+
+
+def runs_from_study(study: object) -> list[RunData]:
+    """The COMPLETE trials' runs (one per cell: the first complete trial wins)."""
+    import optuna
+
+    assert isinstance(study, optuna.Study)
+    runs: dict[tuple[str, int], RunData] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        key = (str(t.params["row"]), int(t.params["seed"]))
+        path = t.user_attrs.get("metrics_path")
+        if key not in runs and path and Path(path).exists():
+            runs[key] = RunData(key[0], key[1], read_metrics(path))
+    return [runs[k] for k in sorted(runs, key=lambda k: (list(ROWS).index(k[0]) if k[0] in ROWS else 99, k[1]))]
+
+
+def _by_row(runs: list[RunData]) -> dict[str, list[RunData]]:
+    out: dict[str, list[RunData]] = {}
+    for r in runs:
+        out.setdefault(r.row, []).append(r)
+    return out
+
+
+def write_tables(runs: list[RunData], out_dir: Path) -> dict[str, str]:
+    """Table 2 and the efficiency table as Markdown and CSV; returns {name: markdown}."""
+    by_row = _by_row(runs)
+    summary = table2({row: [(rs.curve[-1][1], max(v for _, v in rs.curve)) for rs in rr if rs.curve]
+                      for row, rr in by_row.items()}, full=FULL_ROW)
+    md2 = ["| method | seeds | final val/accuracy | Δ final | best val/accuracy | Δ best |",
+           "|---|---|---|---|---|---|"]
+    with open(out_dir / "table2.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "seeds", "final_mean", "final_std", "best_mean", "best_std", "delta_final", "delta_best"])
+        for s in summary:
+            w.writerow([s.row, s.seeds, s.final_mean, s.final_std, s.best_mean, s.best_std, s.delta_final,
+                        s.delta_best])
+            md2.append(f"| {s.row} | {s.seeds} | {fmt(s.final_mean, s.final_std)} | {signed(s.delta_final)} | "
+                       f"{fmt(s.best_mean, s.best_std)} | {signed(s.delta_best)} |")
+    target, eff = efficiency({row: [r.curve for r in rr] for row, rr in by_row.items()},
+                             {row: [val_times(r.metrics) for r in rr] for row, rr in by_row.items()},
+                             baseline=BASELINE_ROW)
+    md_e = [f"Target: the `{BASELINE_ROW}` row's best seed-mean val/accuracy = {fmt(target)}.", "",
+            "| method | steps to target | × GRPO steps | seconds to target | × GRPO seconds |", "|---|---|---|---|---|"]
+    with open(out_dir / "efficiency.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "target", "steps", "seconds", "step_ratio", "time_ratio"])
+        for e in eff:
+            w.writerow([e.row, target, "" if e.steps is None else e.steps, e.seconds, e.step_ratio, e.time_ratio])
+            md_e.append(f"| {e.row} | {'not reached' if e.steps is None else e.steps} | {fmt(e.step_ratio, digits=2)}"
+                        f" | {fmt(e.seconds, digits=1)} | {fmt(e.time_ratio, digits=2)} |")
+    tables = {"table2": "\n".join(md2) + "\n", "efficiency": "\n".join(md_e) + "\n"}
+    for name, text in tables.items():
+        (out_dir / f"{name}.md").write_text(text)
+    return tables
+
+
+def write_plots(runs: list[RunData], out_dir: Path) -> list[Path]:
+    """The four PNGs (mean line and ±std band over seeds per row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_row, written = _by_row(runs), []
+
+    def band_plot(name: str, ylabel: str, xlabel: str, per_row: dict[str, list[list[tuple[int, float]]]]) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for row, curves in per_row.items():
+            mc = mean_curve([c for c in curves if c])
+            if not mc:
+                continue
+            xs, ms, ss = zip(*mc)
+            ax.plot(xs, ms, marker="o", ms=3, label=row)
+            ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], alpha=0.15)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / name)
+
+    band_plot("val_accuracy_vs_step.png", "val/accuracy", "optimizer steps",
+              {row: [r.curve for r in rr] for row, rr in by_row.items()})
+    band_plot("frac_reward_zero_std.png", "frac_reward_zero_std", "optimizer steps",
+              {row: [series(r.metrics, "frac_reward_zero_std") for r in rr] for row, rr in by_row.items()})
+    # Wall-clock: seconds differ per seed, so x is the seeds' mean time at each validated step.
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, rr in by_row.items():
+        mc, mt = mean_curve([r.curve for r in rr]), dict((s, m) for s, m, _ in mean_curve([val_times(r.metrics)
+                                                                                           for r in rr]))
+        pts = [(mt[s], m, sd) for s, m, sd in mc if s in mt]
+        if pts:
+            xs, ms, ss = zip(*pts)
+            ax.plot(xs, ms, marker="o", ms=3, label=row)
+            ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], alpha=0.15)
+    ax.set(xlabel="wall-clock seconds since fit start", ylabel="val/accuracy", title="val/accuracy vs wall-clock")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "val_accuracy_vs_time.png", dpi=110)
+    plt.close(fig)
+    written.append(out_dir / "val_accuracy_vs_time.png")
+    written.append(_difficulty_heatmap(plt, by_row.get(FULL_ROW, []), out_dir / "difficulty_hist_full.png"))
+    return written
+
+
+def _difficulty_heatmap(plt: object, runs: list[RunData], path: Path) -> Path:
+    """Fraction of questions per unit difficulty bin (y) at each step (x), averaged over the full row's seeds."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))  # type: ignore[attr-defined]
+    bins = sorted({c for r in runs for c in columns(r.metrics, "difficulty/hist_")},
+                  key=lambda c: int(c.rsplit("_", 1)[1]))
+    if bins:
+        per_bin = [mean_curve([series(r.metrics, b) for r in runs]) for b in bins]
+        steps = [s for s, _, _ in per_bin[0]]
+        grid = [[m for _, m, _ in pb][: len(steps)] for pb in per_bin]
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, 0.5, len(bins) + 0.5) if steps else None)
+        ax.set_yticks(range(1, len(bins) + 1), [c.rsplit("_", 1)[1] for c in bins])
+        fig.colorbar(im, ax=ax, label="fraction of questions")
+    else:
+        ax.text(0.5, 0.5, "no difficulty/hist_* columns (is the full row in the study?)", ha="center")
+    ax.set(xlabel="optimizer steps", ylabel="difficulty bin", title="difficulty histogram over time (full)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # type: ignore[attr-defined]
+    return path
+
+
+def write_report(runs: list[RunData], out_dir: str | Path) -> Path:
+    """Tables + plots into out_dir; returns the path of report.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = write_tables(runs, out)
+    pngs = write_plots(runs, out)
+    lines = ["# DIVA-GRPO ablation (Table 2 form)", "", tables["table2"], "## Efficiency", "", tables["efficiency"],
+             "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import optuna
+
+    from sweeps.claim import open_storage
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--storage", required=True, help="Optuna storage URL (sqlite:///..., journal:<path>)")
+    p.add_argument("--study", default="diva-ablate")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    study = optuna.load_study(study_name=a.study, storage=open_storage(a.storage))
+    print(f"[report] wrote {write_report(runs_from_study(study), a.out)}")
+
+
+if __name__ == "__main__":
+    main()

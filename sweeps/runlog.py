@@ -1,0 +1,46 @@
+"""Reading a run's `metrics.csv` (Lightning CSVLogger) into curves.
+
+The CSV has one row per logging call; training rows and validation rows are separate, empty cells mean "not
+logged on this row". Lightning writes the step of a row as the optimizer steps done minus one (a validation
+after 2 steps carries step 1), so every curve here is indexed by *steps done* = step + 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+Row = dict[str, float]
+
+
+def read_metrics(path: str | Path) -> list[Row]:
+    """All rows of a metrics.csv with their non-empty cells as floats."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+
+def series(rows: list[Row], key: str) -> list[tuple[int, float]]:
+    """(steps done, value) of every row that logged `key`, sorted by step (later rows win on ties)."""
+    out = {int(r["step"]) + 1: r[key] for r in rows if key in r and "step" in r and not math.isnan(r[key])}
+    return sorted(out.items())
+
+
+def val_curve(rows: list[Row]) -> list[tuple[int, float]]:
+    """(steps done, val/accuracy) at every validation."""
+    return series(rows, "val/accuracy")
+
+
+def val_times(rows: list[Row]) -> list[tuple[int, float]]:
+    """(steps done, seconds since fit start) at every validation (logged by `ElapsedTime`)."""
+    return series(rows, "val/elapsed_s")
+
+
+def columns(rows: list[Row], prefix: str) -> list[str]:
+    """Column names starting with `prefix`, in first-seen order."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            if k.startswith(prefix):
+                seen.setdefault(k, None)
+    return list(seen)

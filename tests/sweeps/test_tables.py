@@ -1,0 +1,114 @@
+"""The report's math by hand, and the report written from synthetic Lightning-style metrics.csv files."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from sweeps.report import RunData, write_report
+from sweeps.runlog import read_metrics, series, val_curve, val_times
+from sweeps.tables import efficiency, first_reach, mean_curve, mean_std, table2
+
+
+def test_mean_std_is_sample_std() -> None:
+    # [0.2, 0.3, 0.4]: mean 0.3, squared deviations 0.01 + 0 + 0.01 = 0.02, / (3 - 1) = 0.01, sqrt = 0.1
+    m, s = mean_std([0.2, 0.3, 0.4])
+    assert m == pytest.approx(0.3) and s == pytest.approx(0.1)
+    assert mean_std([0.7]) == (0.7, 0.0)
+    assert all(math.isnan(v) for v in mean_std([]))
+
+
+def test_table2_means_stds_and_deltas_to_full() -> None:
+    rows = table2({"full": [(0.4, 0.5), (0.6, 0.7)], "grpo": [(0.2, 0.3), (0.3, 0.3), (0.4, 0.6)]})
+    full, grpo = rows
+    # full finals 0.4, 0.6: mean 0.5, std sqrt((0.01 + 0.01) / 1) = 0.1414
+    assert (full.final_mean, full.best_mean) == pytest.approx((0.5, 0.6))
+    assert full.final_std == pytest.approx(math.sqrt(0.02))
+    assert (full.delta_final, full.delta_best) == (0.0, 0.0)
+    # grpo finals mean 0.3 -> delta -0.2; bests 0.3, 0.3, 0.6: mean 0.4 -> delta -0.2
+    assert grpo.seeds == 3
+    assert (grpo.delta_final, grpo.delta_best) == pytest.approx((-0.2, -0.2))
+    assert math.isnan(table2({"grpo": [(0.1, 0.2)]})[0].delta_final)  # no full row: no delta
+
+
+def test_mean_curve_and_first_reach() -> None:
+    a, b = [(10, 0.1), (20, 0.3), (30, 0.2)], [(10, 0.3), (20, 0.3)]
+    mc = mean_curve([a, b])  # step 30 only in one seed: cut
+    assert [(s, round(m, 6)) for s, m, _ in mc] == [(10, 0.2), (20, 0.3)]
+    assert first_reach([(10, 0.2), (20, 0.3), (30, 0.5)], 0.3) == 20
+    assert first_reach([(10, 0.2)], 0.3) is None
+
+
+def test_efficiency_steps_seconds_and_ratios() -> None:
+    curves = {
+        # grpo seed means: 0.2, 0.3, 0.3 -> target 0.3, first reached at step 20
+        "grpo": [[(10, 0.1), (20, 0.3), (30, 0.2)], [(10, 0.3), (20, 0.3), (30, 0.4)]],
+        # full seed means: 0.3 at step 10 -> reaches the target at 10
+        "full": [[(10, 0.2), (20, 0.5), (30, 0.5)], [(10, 0.4), (20, 0.5), (30, 0.6)]],
+        "no_rrb": [[(10, 0.1), (20, 0.2)]],
+    }
+    times = {"grpo": [[(20, 10.0)], [(20, 14.0)]], "full": [[(10, 5.0)], [(10, 7.0)]], "no_rrb": [[(10, 1.0)]]}
+    target, rows = efficiency(curves, times)
+    by = {r.row: r for r in rows}
+    assert target == pytest.approx(0.3)
+    assert (by["grpo"].steps, by["grpo"].seconds) == (20, pytest.approx(12.0))
+    assert (by["full"].steps, by["full"].seconds) == (10, pytest.approx(6.0))  # (5 + 7) / 2
+    assert (by["full"].step_ratio, by["full"].time_ratio) == pytest.approx((0.5, 0.5))
+    assert by["no_rrb"].steps is None and math.isnan(by["no_rrb"].step_ratio)
+
+
+def _write_metrics(path: Path, val: list[float], zero_std: list[float], hist: bool, every: int = 2) -> None:
+    """A Lightning-CSVLogger-shaped file: one train row per step, a val row after every `every` steps."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["step", "frac_reward_zero_std", "time/elapsed_s", "val/accuracy", "val/elapsed_s"]
+    cols += ["difficulty/hist_4", "difficulty/hist_5"] if hist else []
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        for i, z in enumerate(zero_std):
+            row = {"step": i, "frac_reward_zero_std": z, "time/elapsed_s": 1.5 * (i + 1)}
+            if hist:
+                row |= {"difficulty/hist_4": i / 10, "difficulty/hist_5": 1 - i / 10}
+            w.writerow(row)
+            if (i + 1) % every == 0:
+                w.writerow({"step": i, "val/accuracy": val[(i + 1) // every - 1], "val/elapsed_s": 1.5 * (i + 1) + 0.5})
+
+
+def test_runlog_reads_steps_done(tmp_path: Path) -> None:
+    _write_metrics(tmp_path / "m.csv", [0.25, 0.5], [1.0, 0.5, 0.5, 0.0], hist=False)
+    rows = read_metrics(tmp_path / "m.csv")
+    assert val_curve(rows) == [(2, 0.25), (4, 0.5)]  # Lightning's step 1 = two steps done
+    assert val_times(rows) == [(2, 3.5), (4, 6.5)]
+    assert series(rows, "frac_reward_zero_std") == [(1, 1.0), (2, 0.5), (3, 0.5), (4, 0.0)]
+
+
+def test_report_tables_and_plots(tmp_path: Path) -> None:
+    runs = []
+    for row, vals in {"full": [[0.2, 0.6], [0.4, 0.8]], "grpo": [[0.2, 0.4], [0.2, 0.2]]}.items():
+        for seed, v in enumerate(vals):
+            p = tmp_path / "runs" / row / f"{seed}.csv"
+            _write_metrics(p, v, [0.5, 0.5, 0.25, 0.25], hist=row == "full")
+            runs.append(RunData(row, seed, read_metrics(p)))
+    report = write_report(runs, tmp_path / "out")
+    with open(tmp_path / "out" / "table2.csv") as f:
+        t2 = {r["row"]: r for r in csv.DictReader(f)}
+    # full finals 0.6, 0.8 -> 0.7; grpo finals 0.4, 0.2 -> 0.3; delta -0.4
+    assert float(t2["full"]["final_mean"]) == pytest.approx(0.7)
+    assert float(t2["grpo"]["delta_final"]) == pytest.approx(-0.4)
+    assert float(t2["grpo"]["best_mean"]) == pytest.approx(0.3)  # bests 0.4, 0.2
+    with open(tmp_path / "out" / "efficiency.csv") as f:
+        eff = {r["row"]: r for r in csv.DictReader(f)}
+    # grpo mean curve 0.2, 0.3 -> target 0.3 at step 4; full mean curve 0.3 at step 2 (seconds (3.5 + 3.5) / 2)
+    assert (eff["grpo"]["steps"], eff["full"]["steps"]) == ("4", "2")
+    assert float(eff["full"]["seconds"]) == pytest.approx(3.5)
+    assert float(eff["full"]["step_ratio"]) == pytest.approx(0.5)
+    text = report.read_text()
+    assert "| full | 2 | 0.700 ± 0.141 | +0.000 |" in text
+    import matplotlib.image as mpimg
+
+    for name in ("val_accuracy_vs_step", "val_accuracy_vs_time", "frac_reward_zero_std", "difficulty_hist_full"):
+        img = mpimg.imread(tmp_path / "out" / f"{name}.png")
+        assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0  # a real, non-blank picture
