@@ -1,0 +1,335 @@
+"""Calibration report of a base policy on the procedural world's validation split.
+
+`python -m diva_lightning.calibrate --policy artifacts/base_policy --out DIR [--n N --seed S]`
+
+writes ``DIR/calibration.md`` (tables), ``DIR/calibration.csv`` (one row per condition x level) and
+``DIR/calibration.png`` (accuracy per level; accuracy per variant condition). It answers the questions the
+DIVA premise rests on, in this world: does accuracy span the range across intrinsic levels (so both
+all-right and all-wrong groups occur), do hints rescue hard questions, do image perturbations hurt easy
+ones, and do paraphrases leave accuracy alone?
+
+Every variant is built the way the RL data module builds it: the text by ``data.variants.render_variant``
+from a real ``core.tiers.VariantSpec`` (paraphrase, hint, rotation notice), the image by
+``data.perturb.params_for`` + ``data.datamodule.apply_perturbations`` (Kornia). Conditions:
+
+- ``original``, ``paraphrase`` (paraphrase ``i % 5`` of question i), ``blank`` (image replaced by white:
+  the text-only floor, which shows that vision matters);
+- ``<op>@<t>`` for each image op and intensity t in :data:`INTENSITIES` (one op at a time; rotation angle
+  drawn with the planner's rule for that intensity);
+- ``plan@D``: the variant ``plan_variants(D, 1)`` really produces for an easy question of difficulty D
+  (D = 1 is the strongest: intensity 0.6, two ops);
+- ``hint<k>``: the first k think steps appended (k = 1, 2, 3).
+
+The grading is the RL reward's: ``rewards.accuracy_reward`` and ``rewards.format_reward``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diva_lightning.core.tiers import IMAGE_OPS, VariantSpec, plan_variants
+from diva_lightning.data.datamodule import apply_perturbations
+from diva_lightning.data.perturb import PerturbParams, params_for
+from diva_lightning.data.schema import QuestionRecord, decode_image
+from diva_lightning.data.variants import render_variant
+from diva_lightning.data.world import generate_world
+from diva_lightning.models.policy import PolicyBundle, load_policy
+from diva_lightning.rewards import accuracy_reward, format_reward
+from diva_lightning.rollout.hf import HFGenerateEngine
+
+INTENSITIES: tuple[float, ...] = (0.2, 0.4, 0.6)  # the planner's intensity_range is (0.2, 0.6)
+HINT_STEPS: tuple[int, ...] = (1, 2, 3)
+PLAN_DIFFICULTIES: tuple[float, ...] = (1.0, 3.0)
+EASY_LEVELS: tuple[int, ...] = (1, 2)
+HARD_LEVELS: tuple[int, ...] = (4, 5)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One way of presenting a question: ``kind`` in original|paraphrase|blank|image|plan|hint."""
+
+    name: str
+    kind: str
+    op: str = ""
+    intensity: float = 0.0
+    hint_steps: int = 0
+    plan_difficulty: float = 0.0
+
+
+def standard_conditions() -> list[Condition]:
+    """The full calibration grid (see the module docstring), in report order."""
+    conds = [Condition("original", "original"), Condition("paraphrase", "paraphrase"),
+             Condition("blank", "blank")]
+    conds += [Condition(f"{op}@{t:g}", "image", op=op, intensity=t) for op in IMAGE_OPS for t in INTENSITIES]
+    conds += [Condition(f"plan@{d:g}", "plan", plan_difficulty=d) for d in PLAN_DIFFICULTIES]
+    conds += [Condition(f"hint{k}", "hint", hint_steps=k) for k in HINT_STEPS]
+    return conds
+
+
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _rotation_for(intensity: float, g: torch.Generator) -> float:
+    """The planner's angle rule: multiples of 45 deg below intensity 0.25, of 30 below 0.45, else of 1."""
+    step = 45 if intensity < 0.25 else 30 if intensity < 0.45 else 1
+    return float(step * int(torch.randint(1, 359 // step + 1, (1,), generator=g)))
+
+
+def variant_spec(cond: Condition, index: int, *, seed: int) -> VariantSpec | None:
+    """The ``VariantSpec`` that realises ``cond`` for question ``index`` (None: original or blank)."""
+    g = torch.Generator().manual_seed(_seed("spec", seed, cond.name, index))
+    if cond.kind in ("original", "blank"):
+        return None
+    if cond.kind == "paraphrase":
+        return VariantSpec("paraphrase", "medium", 0.0, paraphrase_index=index % 5)
+    if cond.kind == "hint":
+        return VariantSpec("hint", "hard", -1.0, hint_steps=cond.hint_steps)
+    if cond.kind == "image":
+        rot = _rotation_for(cond.intensity, g) if cond.op == "rotate" else 0.0
+        return VariantSpec("image", "easy", 1.0, cond.intensity, (cond.op,), rot)
+    if cond.kind == "plan":
+        (spec,) = plan_variants(cond.plan_difficulty, 1, generator=g)
+        return spec
+    raise ValueError(f"unknown condition kind {cond.kind!r}")
+
+
+def condition_inputs(records: Sequence[QuestionRecord], cond: Condition, *, seed: int
+                     ) -> tuple[list[str], list[Tensor]]:
+    """Problems and images (one [3, H, W] in [0, 1] per record) of ``records`` under ``cond``."""
+    problems: list[str] = []
+    images: list[Tensor] = []
+    perturb: list[dict[str, float]] = []
+    for i, rec in enumerate(records):
+        img = decode_image(rec.images[0], None)
+        spec = variant_spec(cond, i, seed=seed)
+        problems.append(rec.problem if spec is None else render_variant(rec, spec).prompt)
+        images.append(torch.ones_like(img) if cond.kind == "blank" else img)
+        params: dict[str, float] = {}
+        if spec is not None and spec.kind == "image":
+            params = params_for(spec, image_size=(int(img.shape[-2]), int(img.shape[-1])))
+            params["seed"] = _seed("perturb", seed, cond.name, rec.id)  # the image's own noise key
+        perturb.append(params)
+    return problems, apply_perturbations(images, PerturbParams.from_list(perturb))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One graded response."""
+
+    condition: str
+    level: int
+    family: str
+    question_id: str
+    correct: float
+    formatted: float
+
+
+def grade(responses: Sequence[str], answers: Sequence[str]) -> tuple[list[float], list[float]]:
+    """(accuracy, format) rewards per response, exactly as the RL reward computes them."""
+    return [accuracy_reward(r, a) for r, a in zip(responses, answers)], [format_reward(r) for r in responses]
+
+
+def evaluate(bundle: PolicyBundle, records: Sequence[QuestionRecord], conditions: Sequence[Condition], *,
+             seed: int = 0, do_sample: bool = False, temperature: float = 1.0, max_new_tokens: int = 72,
+             batch_size: int = 64, progress: Callable[[str], None] | None = None) -> list[Sample]:
+    """Generate one response per (record, condition) and grade it. Greedy unless ``do_sample``."""
+    engine = HFGenerateEngine()
+    out: list[Sample] = []
+    for c_i, cond in enumerate(conditions):
+        t0 = time.perf_counter()
+        problems, images = condition_inputs(records, cond, seed=seed)
+        texts: list[str] = []
+        for s in range(0, len(records), batch_size):
+            inputs = bundle.encode(problems[s:s + batch_size], [[im] for im in images[s:s + batch_size]])
+            roll = engine.generate(bundle, inputs, num_generations=1, temperature=temperature,
+                                   max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   seed=_seed("sample", seed, cond.name, s))
+            texts += roll.texts
+        acc, fmt = grade(texts, [r.answer for r in records])
+        out += [Sample(cond.name, int(r.meta.get("level", -1)), str(r.meta.get("family", "")), r.id, a, f)
+                for r, a, f in zip(records, acc, fmt)]
+        if progress is not None:
+            progress(f"[{c_i + 1}/{len(conditions)}] {cond.name:>16}: accuracy {sum(acc) / len(acc):.3f}, "
+                     f"format {sum(fmt) / len(fmt):.3f} ({time.perf_counter() - t0:.1f}s)")
+    return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean accuracy / format rate of the samples of one (condition, level) cell; level -1 = all."""
+
+    condition: str
+    level: int
+    n: int
+    accuracy: float
+    format_rate: float
+
+
+def aggregate(samples: Sequence[Sample], *, levels: Sequence[int] | None = None) -> list[Cell]:
+    """Cells per condition (in first-seen order) for each level in ``levels`` (default: all seen) plus
+    level -1 (all levels pooled)."""
+    conds = list(dict.fromkeys(s.condition for s in samples))
+    lvls = sorted({s.level for s in samples}) if levels is None else list(levels)
+    cells = []
+    for c in conds:
+        for lv in [*lvls, -1]:
+            sel = [s for s in samples if s.condition == c and (lv == -1 or s.level == lv)]
+            n = len(sel)
+            cells.append(Cell(c, lv, n, sum(s.correct for s in sel) / n if n else math.nan,
+                              sum(s.formatted for s in sel) / n if n else math.nan))
+    return cells
+
+
+def accuracy_of(samples: Sequence[Sample], condition: str, levels: Sequence[int] | None = None) -> float:
+    """Mean accuracy of ``condition`` over ``levels`` (all when None); NaN without samples."""
+    sel = [s.correct for s in samples if s.condition == condition and (levels is None or s.level in levels)]
+    return sum(sel) / len(sel) if sel else math.nan
+
+
+@dataclass(frozen=True)
+class Effects:
+    """The DIVA premise in numbers (accuracy points, 0-100): signed change versus ``original``."""
+
+    hint_on_hard: float  # best hint condition on HARD_LEVELS
+    perturb_on_easy: float  # strongest planned perturbation (plan@1) on EASY_LEVELS
+    paraphrase_all: float  # paraphrase on all levels
+
+
+def effects(samples: Sequence[Sample]) -> Effects:
+    """Compute :class:`Effects` from graded samples (conditions missing give NaN)."""
+    def delta(cond: str, levels: Sequence[int] | None) -> float:
+        return 100 * (accuracy_of(samples, cond, levels) - accuracy_of(samples, "original", levels))
+
+    hints = [delta(f"hint{k}", HARD_LEVELS) for k in HINT_STEPS]
+    hints = [h for h in hints if not math.isnan(h)]
+    return Effects(max(hints) if hints else math.nan, delta(f"plan@{PLAN_DIFFICULTIES[0]:g}", EASY_LEVELS),
+                   delta("paraphrase", None))
+
+
+# --------------------------------------------------------------------------------------------- report files
+def write_csv(cells: Sequence[Cell], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(Cell.__dataclass_fields__))
+        w.writeheader()
+        w.writerows(asdict(c) for c in cells)
+
+
+def markdown_table(cells: Sequence[Cell], title: str, *, header: str = "") -> str:
+    """A condition x level table of ``accuracy`` (with n per cell) and the pooled format rate."""
+    levels = sorted({c.level for c in cells if c.level != -1})
+    conds = list(dict.fromkeys(c.condition for c in cells))
+    by = {(c.condition, c.level): c for c in cells}
+    cols = [f"L{lv}" for lv in levels] + ["all", "format"]
+    lines = [f"### {title}", "", header, "", "| condition | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for cond in conds:
+        vals = [f"{by[cond, lv].accuracy:.2f} (n={by[cond, lv].n})" for lv in [*levels, -1]]
+        lines.append(f"| {cond} | " + " | ".join(vals) + f" | {by[cond, -1].format_rate:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(greedy: Sequence[Cell], sampled: Sequence[Cell] | None, path: Path) -> None:
+    """Left: accuracy per level (greedy, sampled). Right: accuracy of each condition, all levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 2.6]})
+    for cells, label in ((greedy, "greedy"), (sampled, "sampled T=1")):
+        orig = [c for c in cells or [] if c.condition == "original" and c.level != -1]
+        if orig:
+            ax1.plot([c.level for c in orig], [c.accuracy for c in orig], marker="o", label=label)
+    blank = [c for c in greedy if c.condition == "blank" and c.level != -1]
+    if blank:
+        ax1.plot([c.level for c in blank], [c.accuracy for c in blank], ls="--", c="gray",
+                 label="blank image")
+    ax1.set(xlabel="intrinsic level", ylabel="accuracy", ylim=(0, 1), title="original questions")
+    ax1.legend()
+    pooled = [c for c in greedy if c.level == -1]
+    colors = {"original": "k", "paraphrase": "tab:blue", "blank": "gray", "plan": "tab:red",
+              "hint": "tab:green"}
+    bar_colors = [colors.get(c.condition.rstrip("0123456789").split("@")[0], "tab:orange") for c in pooled]
+    ax2.bar(range(len(pooled)), [c.accuracy for c in pooled], color=bar_colors)
+    ax2.axhline(next((c.accuracy for c in pooled if c.condition == "original"), 0), c="k", lw=0.8, ls=":")
+    ax2.set_xticks(range(len(pooled)), [c.condition for c in pooled], rotation=60, ha="right", fontsize=8)
+    ax2.set(ylabel="accuracy (greedy, all levels)", ylim=(0, 1), title="variants (image ops at intensity t)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(out_dir: str | Path, greedy: Sequence[Sample], sampled: Sequence[Sample] | None = None, *,
+                 meta: str = "") -> dict[str, Path]:
+    """Write calibration.md / .csv / .png under ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g_cells = aggregate(greedy)
+    s_cells = aggregate(sampled) if sampled else None
+    paths = {"md": out / "calibration.md", "csv": out / "calibration.csv", "png": out / "calibration.png"}
+    rows = [Cell(f"{c.condition}", c.level, c.n, c.accuracy, c.format_rate) for c in g_cells]
+    if s_cells:
+        rows += [Cell(f"sampled:{c.condition}", c.level, c.n, c.accuracy, c.format_rate) for c in s_cells]
+    write_csv(rows, paths["csv"])
+    eff = effects(greedy)
+    parts = ["# Calibration of the base policy", "", meta, "",
+             f"- hint on hard levels {HARD_LEVELS} (best of hint1-3): {eff.hint_on_hard:+.1f} points",
+             f"- strongest planned perturbation (plan@1) on easy levels {EASY_LEVELS}: "
+             f"{eff.perturb_on_easy:+.1f} points",
+             f"- paraphrase, all levels: {eff.paraphrase_all:+.1f} points", "",
+             markdown_table(g_cells, "Greedy decoding", header="accuracy per intrinsic level (n per cell)")]
+    if s_cells:
+        parts.append(markdown_table(s_cells, "Sampled, temperature 1.0", header="one sample per question"))
+    paths["md"].write_text("\n".join(parts))
+    plot(g_cells, s_cells, paths["png"])
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    p = argparse.ArgumentParser(prog="python -m diva_lightning.calibrate", description=__doc__.split("\n")[0])
+    p.add_argument("--policy", default="artifacts/base_policy", help="checkpoint directory (load_policy)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--n", type=int, default=250, help="validation questions (cycled over families x levels)")
+    p.add_argument("--seed", type=int, default=0, help="world seed (the RL configs' data.world.seed)")
+    p.add_argument("--max_new_tokens", type=int, default=72)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no_sampled", action="store_true", help="skip the temperature-1 pass")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    bundle = load_policy(args.policy)
+    records = generate_world(args.n, seed=args.seed, split="val")  # never the train split
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log(f"calibrating {args.policy} on {len(records)} validation questions (seed {args.seed})")
+    greedy = evaluate(bundle, records, standard_conditions(), seed=args.seed,
+                      max_new_tokens=args.max_new_tokens, progress=log)
+    sampled = None
+    if not args.no_sampled:
+        log("sampled pass (temperature 1.0): original, paraphrase, plan@1, hint1")
+        conds = [c for c in standard_conditions() if c.name in ("original", "paraphrase", "plan@1", "hint1")]
+        sampled = evaluate(bundle, records, conds, seed=args.seed, do_sample=True,
+                           max_new_tokens=args.max_new_tokens, progress=log)
+    meta = (f"policy `{args.policy}`, {len(records)} questions of the world's validation split (seed "
+            f"{args.seed}), max_new_tokens {args.max_new_tokens}, {time.perf_counter() - t0:.0f} s.")
+    paths = write_report(args.out, greedy, sampled, meta=meta)
+    log(f"wrote {', '.join(str(v) for v in paths.values())}")
+    return paths
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,125 @@
+"""Calibration report: the accuracy arithmetic on hand-built samples, the variants it feeds the policy (the
+real ones), and the files it writes (through the real command on a real tiny policy)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from diva_lightning import calibrate as C
+from diva_lightning.data.schema import decode_image
+from diva_lightning.data.variants import HINT_PREFIX
+from diva_lightning.data.world import generate_world, world_corpus
+from diva_lightning.models.tiny import build_tiny_policy
+
+
+def _s(cond: str, level: int, correct: float, formatted: float = 1.0) -> C.Sample:
+    return C.Sample(cond, level, "count_color", f"q{level}", correct, formatted)
+
+
+# Hand-built: original is right on 2/2 at level 1, 1/4 at level 5; the hint is right 3/4 at level 5.
+SAMPLES = [
+    _s("original", 1, 1.0), _s("original", 1, 1.0),
+    _s("original", 5, 1.0), _s("original", 5, 0.0, 0.0), _s("original", 5, 0.0), _s("original", 5, 0.0),
+    _s("hint1", 5, 1.0), _s("hint1", 5, 1.0), _s("hint1", 5, 1.0), _s("hint1", 5, 0.0),
+]
+
+
+def test_aggregate_means_per_level_and_pooled() -> None:
+    cells = {(c.condition, c.level): c for c in C.aggregate(SAMPLES)}
+    assert cells["original", 1].accuracy == 1.0 and cells["original", 1].n == 2
+    assert cells["original", 5].accuracy == 0.25 and cells["original", 5].format_rate == 0.75
+    # pooled over levels: 3 right of 6, 5 formatted of 6
+    assert cells["original", -1].accuracy == 0.5 and cells["original", -1].n == 6
+    assert cells["original", -1].format_rate == pytest.approx(5 / 6)
+    # a condition without samples at a level is an empty cell, not a zero
+    assert cells["hint1", 1].n == 0 and math.isnan(cells["hint1", 1].accuracy)
+
+
+def test_effects_are_signed_point_differences_on_the_right_levels() -> None:
+    eff = C.effects(SAMPLES)
+    # hard levels (4, 5): hint 3/4 vs original 1/4 -> +50 points; no plan@1 / paraphrase samples -> NaN
+    assert eff.hint_on_hard == pytest.approx(50.0)
+    assert math.isnan(eff.perturb_on_easy) and math.isnan(eff.paraphrase_all)
+
+
+def test_grade_uses_the_rl_rewards() -> None:
+    responses = ["<think> Row 1: 3 red. Total 3. </think> \\boxed{3}", "\\boxed{3}",
+                 "<think> Row 1: 4 red. Total 4. </think> \\boxed{4}",
+                 "<think> 1 red, 2 blue, so B. </think> \\boxed{B}"]
+    acc, fmt = C.grade(responses, ["3", "3", "3", "B"])
+    assert acc == [1.0, 1.0, 0.0, 1.0]
+    assert fmt == [1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def val_records() -> list:
+    return generate_world(8, seed=0, split="val")
+
+
+def test_condition_inputs_are_the_real_variants(val_records: list) -> None:
+    clean = [decode_image(r.images[0], None) for r in val_records]
+    conds = {c.name: c for c in C.standard_conditions()}
+
+    problems, images = C.condition_inputs(val_records, conds["original"], seed=0)
+    assert problems == [r.problem for r in val_records]
+    assert all(torch.equal(a, b) for a, b in zip(images, clean))
+
+    problems, _ = C.condition_inputs(val_records, conds["paraphrase"], seed=0)
+    assert problems == [r.variants[i % 5] for i, r in enumerate(val_records)]
+
+    problems, images = C.condition_inputs(val_records, conds["hint2"], seed=0)
+    for p, r in zip(problems, val_records):
+        assert p == f"{r.problem}\n{HINT_PREFIX} {r.think_steps[0]} {r.think_steps[1]}"
+
+    _, images = C.condition_inputs(val_records, conds["blank"], seed=0)
+    assert all(bool((im == 1).all()) for im in images)
+
+    # rotation: the prompt announces the angle, the image changes
+    problems, images = C.condition_inputs(val_records, conds["rotate@0.6"], seed=0)
+    assert all("has been rotated by" in p for p in problems)
+    assert all(not torch.equal(a, b) for a, b in zip(images, clean))
+
+    # the strongest planned easy variant: intensity 0.6 with two ops, as plan_variants makes it
+    specs = [C.variant_spec(conds["plan@1"], i, seed=0) for i in range(len(val_records))]
+    assert all(s is not None and s.kind == "image" and s.intensity == pytest.approx(0.6)
+               and len(s.image_ops) == 2 for s in specs)
+    _, images = C.condition_inputs(val_records, conds["plan@1"], seed=0)
+    mean_change = [float((a - b).abs().mean()) for a, b in zip(images, clean)]
+    assert min(mean_change) > 0.01
+    # noise grows with the intensity
+    diffs = []
+    for t in C.INTENSITIES:
+        _, imgs = C.condition_inputs(val_records, conds[f"noise@{t:g}"], seed=0)
+        diffs.append(sum(float((a - b).abs().mean()) for a, b in zip(imgs, clean)))
+    assert diffs == sorted(diffs) and diffs[0] > 0
+
+
+def test_write_report_files(tmp_path: Path) -> None:
+    paths = C.write_report(tmp_path, SAMPLES, SAMPLES[:6], meta="test")
+    rows = list(csv.DictReader(paths["csv"].open()))
+    # greedy: 2 conditions x (2 levels + pooled); sampled: 1 condition x 3
+    assert len(rows) == 9
+    row = next(r for r in rows if r["condition"] == "original" and r["level"] == "5")
+    assert float(row["accuracy"]) == 0.25 and int(row["n"]) == 4
+    md = paths["md"].read_text()
+    assert "| original | 1.00 (n=2) | 0.25 (n=4) | 0.50 (n=6) | 0.83 |" in md
+    assert "+50.0 points" in md
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_command_runs_on_a_real_tiny_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = build_tiny_policy(tmp_path / "policy", world_corpus(generate_world(20, seed=0)), seed=0)
+    paths = C.main(["--policy", str(policy), "--out", str(tmp_path / "report"), "--n", "4",
+                    "--max_new_tokens", "4", "--no_sampled"])
+    rows = list(csv.DictReader(paths["csv"].open()))
+    conditions = {r["condition"] for r in rows}
+    assert conditions == {c.name for c in C.standard_conditions()}
+    # an untrained policy never writes the format in 4 tokens
+    assert all(float(r["format_rate"]) == 0.0 for r in rows)
+    assert "[21/21]" in capsys.readouterr().out
