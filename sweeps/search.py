@@ -86,7 +86,12 @@ def objective_factory(args: argparse.Namespace) -> Any:
                     "--trainer.logger.init_args.name", "search",
                     "--trainer.logger.init_args.version", f"t{trial.number}",
                     *suggest(trial, Path(args.out) / "overlays"), *args.set]
-        cli = run_cli(cli_args, trainer_defaults={"callbacks": [StepPruningCallback(trial, monitor="val/accuracy")]})
+        argv, sys.argv = sys.argv, sys.argv[:1]  # our own flags are not the CLI's (LightningCLI warns otherwise)
+        try:
+            pruning = StepPruningCallback(trial, monitor="val/accuracy")
+            cli = run_cli(cli_args, trainer_defaults={"callbacks": [pruning]})
+        finally:
+            sys.argv = argv
         value = cli.trainer.callback_metrics.get("val/accuracy")
         trial.set_user_attr("run_dir", str(cli.trainer.log_dir))
         return math.nan if value is None else float(value)
