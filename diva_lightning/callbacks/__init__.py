@@ -2,5 +2,6 @@
 
 from diva_lightning.callbacks.advantage_monitor import AdvantageMonitor, monitor_metrics
 from diva_lightning.callbacks.difficulty import DifficultyCallback
+from diva_lightning.callbacks.timing import ElapsedTime
 
-__all__ = ["AdvantageMonitor", "DifficultyCallback", "monitor_metrics"]
+__all__ = ["AdvantageMonitor", "DifficultyCallback", "ElapsedTime", "monitor_metrics"]
