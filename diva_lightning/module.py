@@ -272,8 +272,15 @@ class DivaGRPOModule(pl.LightningModule):
             return torch.cat([score(list(range(s, min(s + micro, n))), model, grad=False)[0]
                               for s in range(0, n, micro)])
 
-        # Old log-probs of the sampling policy: from the engine when it provides them, else recomputed.
-        old_logp = roll.old_logp.to(self.device) if roll.old_logp is not None else score_all(self.policy)
+        # Old log-probs of the sampling policy: from the engine when it provides them; when the round is a
+        # single optimizer step (one PPO epoch, one mini-batch) the weights have not moved since sampling, so
+        # old = current log-probs, taken detached from the same forward (ratio exactly 1, no extra pass);
+        # otherwise recomputed once before the first step.
+        on_policy = self.ppo_epochs == 1 and mini >= n
+        if roll.old_logp is not None:
+            old_logp: Tensor | None = roll.old_logp.to(self.device)
+        else:
+            old_logp = None if on_policy else score_all(self.policy)
         ref_logp = score_all(self.reference) if self.reference is not None else None
 
         cfg = self.loss_cfg
@@ -290,8 +297,9 @@ class DivaGRPOModule(pl.LightningModule):
                 for m in range(0, len(mb), micro):
                     idx = mb[m : m + micro]
                     logp, ent = score(idx, self.policy, grad=True, entropy=want_entropy)
+                    old = logp.detach() if old_logp is None else old_logp[idx]
                     loss, stats = policy_loss(
-                        logp, old_logp[idx], advantages[idx], mask[idx], clip_low=cfg.clip_low,
+                        logp, old, advantages[idx], mask[idx], clip_low=cfg.clip_low,
                         clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg,
                         ref_logp=None if ref_logp is None else ref_logp[idx], kl_coef=cfg.kl_coef,
                         kl_type=cfg.kl_type, entropy=ent, entropy_coef=cfg.entropy_coef,

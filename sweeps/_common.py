@@ -70,7 +70,7 @@ class TrialSettings:
     """
 
     steps: int = 60
-    val_every: int = 10
+    val_every: int = 20
     configs: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()
 

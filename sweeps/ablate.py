@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> SweepOptions:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows of the matrix")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (one cell per row and seed)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per cell")
-    p.add_argument("--val-every", type=int, default=10, help="validate every N steps (must divide --steps)")
+    p.add_argument("--val-every", type=int, default=20, help="validate every N steps (must divide --steps)")
     p.add_argument("--config", action="append", default=[], help="extra overlay stacked on every row (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="ARG",
                    help="extra CLI argument for every fit, e.g. --set=--model.init_args.lr=1e-5 (repeatable)")
