@@ -19,7 +19,6 @@ Deviation from the official code, on purpose: the rollout of step s is sampled u
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from typing_extensions import override
 
 from diva_lightning.algorithms import AdvantageEstimator, DivaAdvantage
 from diva_lightning.core.loss import policy_loss
+from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.policy import PolicyBundle, load_policy
@@ -78,9 +78,6 @@ class SamplingConfig:
     """Maximum response length in tokens."""
 
 
-def _seed_of(*parts: object) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class DivaGRPOModule(pl.LightningModule):
@@ -209,7 +206,7 @@ class DivaGRPOModule(pl.LightningModule):
         inputs = self._encode(batch)
         with torch.no_grad():
             roll = self._sample(inputs, self.train_sampling, self.num_generations,
-                                _seed_of("rollout", self.seed, self.global_step, self.global_rank))
+                                stable_seed("rollout", self.seed, self.global_step, self.global_rank))
         timings["rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -284,7 +281,7 @@ class DivaGRPOModule(pl.LightningModule):
         ref_logp = score_all(self.reference) if self.reference is not None else None
 
         cfg = self.loss_cfg
-        g = torch.Generator().manual_seed(_seed_of("minibatch", self.seed, self.global_step, self.global_rank))
+        g = torch.Generator().manual_seed(stable_seed("minibatch", self.seed, self.global_step, self.global_rank))
         totals: dict[str, float] = {}
         steps = 0
         want_entropy = cfg.entropy_coef > 0
@@ -333,7 +330,7 @@ class DivaGRPOModule(pl.LightningModule):
         assert self.policy is not None
         self.policy.eval()
         with torch.no_grad():
-            roll = self._sample(self._encode(batch), self.val_sampling, 1, _seed_of("eval", self.seed, prefix))
+            roll = self._sample(self._encode(batch), self.val_sampling, 1, stable_seed("eval", self.seed, prefix))
         answers = [batch.answers[i] for i in roll.prompt_index.tolist()]
         graded = self._grade(roll.texts, answers)
         acc = graded.accuracy.to(self.device, torch.float32)

@@ -16,7 +16,6 @@ training): the work per batch is tiny and it must see the live difficulty table.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import override
 
 from diva_lightning.core.difficulty import DifficultyTable
+from diva_lightning.core.seeding import stable_seed
 from diva_lightning.core.tiers import plan_variants, tier_of
 from diva_lightning.data.batch import KIND_CODES, TIER_CODES, FamilyBatch, QuestionBatch
 from diva_lightning.data.perturb import PerturbParams, params_for, perturb_images
@@ -54,10 +54,6 @@ class WorldConfig:
     """Seed of the world generator (independent of the training seed)."""
 
 
-def _seed_of(*parts: object) -> int:
-    """A stable 63-bit seed from arbitrary parts (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class _ImageCache:
@@ -223,7 +219,7 @@ class DivaDataModule(pl.LightningDataModule):
     def question_batch(self, position: int) -> QuestionBatch:
         """The rank's questions for global batch `position` (deterministic in seed, position, rank)."""
         epoch, k = divmod(position, self.batches_per_epoch)
-        g = torch.Generator().manual_seed(_seed_of("order", self.seed, epoch))
+        g = torch.Generator().manual_seed(stable_seed("order", self.seed, epoch))
         order = torch.randperm(len(self.train_records), generator=g)
         per_step = self.questions_per_step * self._world_size
         start = k * per_step + self._rank * self.questions_per_step
@@ -263,7 +259,7 @@ class DivaDataModule(pl.LightningDataModule):
     def build_families(self, qb: QuestionBatch, num_variants: int) -> FamilyBatch:
         """Plan V variants per question from the current difficulties and apply the host-side text edits."""
         difficulties = self._table().lookup([r.id for r in qb.records]).tolist()
-        g = torch.Generator().manual_seed(_seed_of("plan", self.seed, qb.position, self._rank))
+        g = torch.Generator().manual_seed(stable_seed("plan", self.seed, qb.position, self._rank))
         problems: list[str] = []
         answers: list[str] = []
         qids: list[str] = []
@@ -314,7 +310,7 @@ class DivaDataModule(pl.LightningDataModule):
                     h, w = qb.images[b][0].shape[-2:]
                     img_params = params_for(spec, image_size=(int(h), int(w)))
                     # per-image noise key: the perturbation never depends on batching or sharding
-                    img_params["seed"] = _seed_of("perturb", self.seed, qb.position, rec.id, len(problems))
+                    img_params["seed"] = stable_seed("perturb", self.seed, qb.position, rec.id, len(problems))
                 add(rec, b, d, text, spec.kind, float(spec.delta), img_params)
 
         return FamilyBatch(
