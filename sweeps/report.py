@@ -3,7 +3,7 @@
 Outputs in the sweep folder: `table2.md`/`table2.csv` (final and best val/accuracy, mean ± std over seeds, delta
 to full), `efficiency.md`/`efficiency.csv` (steps and seconds to reach GRPO's best, ratio to GRPO), `report.md`
 (both tables), and PNGs: `val_accuracy_vs_step.png`, `val_accuracy_vs_time.png`, `frac_reward_zero_std.png`,
-`difficulty_hist_full.png`.
+`frac_family_zero_std.png`, `difficulty_hist_full.png`; report.md also has a learning-signal table.
 
     python sweeps/report.py --storage sqlite:///outputs/ablate/study.db --study diva-ablate --out outputs/ablate
 """
@@ -121,6 +121,10 @@ def write_plots(runs: list[RunData], out_dir: Path) -> list[Path]:
               {row: [r.curve for r in rr] for row, rr in by_row.items()})
     band_plot("frac_reward_zero_std.png", "frac_reward_zero_std", "optimizer steps",
               {row: [series(r.metrics, "frac_reward_zero_std") for r in rr] for row, rr in by_row.items()})
+    # Per question (family) rather than per prompt: with equal rollout budgets a DIVA prompt group has G=5
+    # responses and a GRPO one G=10, so the family rate is the like-for-like advantage-vanishing rate.
+    band_plot("frac_family_zero_std.png", "frac_family_zero_std", "optimizer steps",
+              {row: [series(r.metrics, "frac_family_zero_std") for r in rr] for row, rr in by_row.items()})
     # Wall-clock: seconds differ per seed, so x is the seeds' mean time at each validated step.
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, rr in by_row.items():
@@ -164,6 +168,26 @@ def _difficulty_heatmap(plt: object, runs: list[RunData], path: Path) -> Path:
     return path
 
 
+SIGNAL_COLUMNS = ("frac_reward_zero_std", "frac_family_zero_std", "variant_rescue_rate", "tier/easy/count",
+                  "tier/medium/count", "tier/hard/count")
+
+
+def signal_table(runs: list[RunData]) -> str:
+    """Markdown: per row, the mean over all logged steps and seeds of the signal-health columns (- if never logged).
+
+    Tier counts are responses per step (to originals and variants); a row whose prompts never leave the medium tier
+    has not engaged DIVA's difficulty loop.
+    """
+    lines = ["| method | " + " | ".join(SIGNAL_COLUMNS) + " |", "|---" * (len(SIGNAL_COLUMNS) + 1) + "|"]
+    for row, rr in _by_row(runs).items():
+        cells = []
+        for col in SIGNAL_COLUMNS:
+            values = [v for r in rr for _, v in series(r.metrics, col)]
+            cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(runs: list[RunData], out_dir: str | Path) -> Path:
     """Tables + plots into out_dir; returns the path of report.md."""
     out = Path(out_dir)
@@ -171,6 +195,7 @@ def write_report(runs: list[RunData], out_dir: str | Path) -> Path:
     tables = write_tables(runs, out)
     pngs = write_plots(runs, out)
     lines = ["# DIVA-GRPO ablation (Table 2 form)", "", tables["table2"], "## Efficiency", "", tables["efficiency"],
+             "## Learning signal (mean over steps and seeds)", "", signal_table(runs),
              "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
