@@ -164,7 +164,9 @@ class DivaGRPOModule(pl.LightningModule):
             return
         dtype = getattr(torch, self.dtype_name)
         self.bundle = load_policy(self.policy_path, dtype=dtype)
-        self.policy = self.bundle.model
+        # load_policy returns an eval-mode model; the system trains it (the engine and Lightning's validation
+        # loop switch to eval and back where needed).
+        self.policy = self.bundle.model.train()
         if self.loss_cfg.kl_coef > 0:
             ref = load_policy(self.policy_path, dtype=dtype).model
             ref.requires_grad_(False).eval()
