@@ -284,8 +284,7 @@ class DivaGRPOModule(pl.LightningModule):
 
         cfg = self.loss_cfg
         g = torch.Generator().manual_seed(stable_seed("minibatch", self.seed, self.global_step, self.global_rank))
-        totals: dict[str, float] = {}
-        steps = 0
+        per_step: list[dict[str, float]] = []
         want_entropy = cfg.entropy_coef > 0
         for _ in range(self.ppo_epochs):
             order = torch.randperm(n, generator=g).tolist() if mini < n else list(range(n))
@@ -293,6 +292,7 @@ class DivaGRPOModule(pl.LightningModule):
                 mb = order[s : s + mini]
                 num_tokens = self._global_token_count(mask[mb])
                 opt.zero_grad(set_to_none=True)
+                micro_stats: list[tuple[dict[str, float], float]] = []
                 for m in range(0, len(mb), micro):
                     idx = mb[m : m + micro]
                     logp, ent = score(idx, self.policy, grad=True, entropy=want_entropy)
@@ -302,18 +302,16 @@ class DivaGRPOModule(pl.LightningModule):
                         clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg,
                         ref_logp=None if ref_logp is None else ref_logp[idx], kl_coef=cfg.kl_coef,
                         kl_type=cfg.kl_type, entropy=ent, entropy_coef=cfg.entropy_coef,
-                        num_tokens=num_tokens if cfg.agg == "token_mean" else None,
+                        # mini-batch-wide denominators: micro-batch losses add up to the mini-batch loss
+                        num_tokens=num_tokens, num_seqs=len(mb),
                     )
-                    if cfg.agg != "token_mean":  # sequence-level means: weight micro-batches by their share
-                        loss = loss * (len(idx) / len(mb))
                     self.manual_backward(loss)
-                    for key, value in _stats_dict(stats).items():
-                        totals[key] = totals.get(key, 0.0) + value * len(idx) / len(mb)
+                    micro_stats.append((_stats_dict(stats), len(idx) / len(mb)))
                 if self.grad_clip > 0:
                     self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
                 opt.step()
-                steps += 1
-        return {k: v / steps for k, v in totals.items()}
+                per_step.append(combine_micro_stats(micro_stats))
+        return {k: sum(d[k] for d in per_step) / len(per_step) for k in per_step[0]}
 
     def _global_token_count(self, mask: Tensor) -> float:
         """Tokens of this mini-batch over all ranks, divided by the world size.
@@ -376,6 +374,25 @@ class DivaGRPOModule(pl.LightningModule):
         """Write the current policy in the standard `save_pretrained` layout (loadable by `load_policy`)."""
         assert self.bundle is not None
         return self.bundle.save(out_dir)
+
+
+# Loss statistics that policy_loss aggregates with the mini-batch-wide denominator (num_tokens / num_seqs):
+# the micro-batch values are shares of the mini-batch value and add up. Every other statistic is a
+# per-micro-batch mean (weighted by the micro-batch's share of sequences) except the maximum ratio.
+ADDITIVE_STATS = frozenset({"loss/policy", "kl", "entropy"})
+MAX_STATS = frozenset({"ratio/max"})
+
+
+def combine_micro_stats(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """One optimizer step's statistics from its micro-batches' (stats, share of the mini-batch) pairs."""
+    out: dict[str, float] = {}
+    for stats, share in parts:
+        for key, value in stats.items():
+            if key in MAX_STATS:
+                out[key] = max(out.get(key, value), value)
+            else:
+                out[key] = out.get(key, 0.0) + (value if key in ADDITIVE_STATS else value * share)
+    return out
 
 
 def _stats_dict(stats: Any) -> dict[str, float]:

@@ -88,3 +88,25 @@ def test_resume_equals_uninterrupted(tiny_policy_dir: str, tmp_path: Path) -> No
     pairs = zip(full.model.policy.parameters(), base.model.policy.parameters())
     moved = [not torch.equal(p, q) for p, q in pairs]
     assert any(moved)
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_micro_batch_stats_combine_to_the_full_batch_stats(agg: str) -> None:
+    """Two micro-batches of 3 with mini-batch-wide denominators log what one batch of 6 would."""
+    from diva_lightning.core.loss import policy_loss
+    from diva_lightning.module import _stats_dict, combine_micro_stats
+
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(6, 5, generator=g)
+    old = logp + 0.3 * torch.randn(6, 5, generator=g)
+    adv = torch.randn(6, generator=g)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[0, 3:] = mask[4, 1:] = False
+    ref = logp - 0.1
+    kw = {"agg": agg, "num_tokens": float(mask.sum()), "num_seqs": 6}
+    full = _stats_dict(policy_loss(logp, old, adv, mask, ref_logp=ref, **kw)[1])  # type: ignore[arg-type]
+    parts = [(_stats_dict(policy_loss(logp[s], old[s], adv[s], mask[s], ref_logp=ref[s], **kw)[1]), 0.5)  # type: ignore[arg-type]
+             for s in (slice(0, 3), slice(3, 6))]
+    combined = combine_micro_stats(parts)
+    for key in ("loss/policy", "kl", "ratio/max"):
+        assert combined[key] == pytest.approx(full[key], rel=1e-5), key
