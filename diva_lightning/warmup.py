@@ -5,8 +5,8 @@
 It builds the tiny Qwen2.5-VL (tokenizer trained on the world's text, random weights) and teaches it, with
 a Lightning `fit` of `SFTModule` on `SFTDataModule`, the response format
 `<think> ... </think> \\boxed{answer}` and a moderate skill on the procedural world. Training prompts
-include paraphrases and hinted prompts (so the policy learns to use hints, as the paper's hinted variants
-assume) but only clean images (so perturbations stay hard). The result is saved in the standard
+include paraphrases and hinted prompts, whose target goes on from the hint's last step (so the policy
+learns to use hints, as the paper's hinted variants assume) but only clean images (so perturbations stay hard). The result is saved in the standard
 `save_pretrained` layout at `output_dir`. Measured numbers: docs/calibration.md.
 """
 
@@ -68,17 +68,19 @@ class _SFTExamples(Dataset[tuple[str, str, Tensor]]):
         rec = self.records[i]
         rng = random.Random(f"{self.seed}:{i}")
         u = rng.random()
+        response = format_response(rec)
         if u < self.hint_fraction and len(rec.think_steps) >= 2:
             # like the planner: the first hint of a family is on the original text, later ones on paraphrases
             para = rng.randrange(len(rec.variants)) if rec.variants and rng.random() < 0.5 else None
-            problem = hinted_problem(rec, rng.randint(1, len(rec.think_steps) - 1), para)
+            hint = rng.randint(1, len(rec.think_steps) - 1)
+            problem, response = hinted_problem(rec, hint, para), format_response(rec, after_hint=hint)
         elif u < self.hint_fraction + self.paraphrase_fraction and rec.variants:
             problem = rng.choice(rec.variants)
         else:
             problem = rec.problem
         if i not in self._images:
             self._images[i] = decode_image(rec.images[0], None)
-        return problem, format_response(rec), self._images[i]
+        return problem, response, self._images[i]
 
 
 def _collate(items: list[tuple[str, str, Tensor]]) -> tuple[list[str], list[str], list[Tensor]]:

@@ -42,9 +42,15 @@ def test_sft_prompts_are_the_rl_variant_texts() -> None:
     for i in range(len(ds)):
         problem, response, image = ds[i]
         r = records[i]
-        assert response == format_response(r) and image.shape == (3, 112, 112)
+        assert image.shape == (3, 112, 112)
         assert ds[i][0] == problem  # deterministic per index
         kind = "hint" if "\nHint:" in problem else "original" if problem == r.problem else "paraphrase"
+        if kind == "hint":  # the target goes on after the hinted steps, whose text ends the prompt
+            shown = problem.split("\nHint: ")[1]
+            k = next(k for k in range(1, len(r.think_steps)) if " ".join(r.think_steps[:k]) == shown)
+            assert response == format_response(r, after_hint=k)
+        else:
+            assert response == format_response(r)
         assert kind != "paraphrase" or problem in r.variants
         kinds[kind] += 1
     assert all(v > 0 for v in kinds.values()), kinds

@@ -10,8 +10,9 @@ saturated colours on white. Question families:
 - ``compare``: "Are there more red or blue shapes ...? (A) red (B) blue (C) equal" (choice)
 
 The intrinsic level (1..``max_level``) sets how many targets and distractors the board holds, so it
-really changes how often a small model is right; the think steps count row by row with a running total,
-so a hint that reveals the first rows leaves less to count. Level, family, query and the board itself
+really changes how often a small model is right; the think steps count by content (shape by shape or
+colour by colour, with a running total: see :func:`solve`), so a hint that reveals the first steps leaves
+less to count. Level, family, query and the board itself
 are in ``meta`` (``render_tensor`` redraws the image from them).
 
 Split disjointness: the split of a board is a hash of its cell contents (80/10/10 buckets), and a
@@ -150,12 +151,14 @@ def render_tensor(record: QuestionRecord) -> torch.Tensor:
 
 
 def _level_ranges(level: int, max_level: int, n_cells: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(targets lo/hi, distractors lo/hi): level 1 = 1-2 targets and no distractors; the top level
-    fills up to 10/16 cells with targets and up to 6/16 with distractors."""
+    """(targets lo/hi, distractors lo/hi), growing smoothly with the level. On a 4 x 4 board:
+    level 1 = 1-2 targets, no distractors; 2 = 1-3 / 0-1; 3 = 2-5 / 1-2; 4 = 3-8 / 2-4; 5 = 5-10 / 3-6.
+    (A linear ramp put distractors and up to 4 targets at level 2 already, and the base policy's accuracy
+    fell from 0.92 at level 1 to a flat ~0.43 over levels 2-4.)"""
     frac = (level - 1) / (max_level - 1) if max_level > 1 else 0.0
-    t_lo = min(1 + round(frac * n_cells / 4), n_cells)
-    t_hi = min(2 + round(frac * n_cells / 2), n_cells)
-    return (t_lo, t_hi), (round(frac * n_cells / 8), round(frac * n_cells * 3 / 8))
+    t_lo = min(1 + round(frac**2 * n_cells / 4), n_cells)
+    t_hi = min(2 + round(frac**1.3 * n_cells / 2), n_cells)
+    return (t_lo, t_hi), (round(frac**2 * n_cells * 3 / 16), round(frac**1.5 * n_cells * 3 / 8))
 
 
 def _draw_question(rng: random.Random, family: str, level: int, max_level: int, grid: int
@@ -212,34 +215,40 @@ def _plural(n: int, noun: str) -> str:
 
 
 def solve(family: str, query: dict[str, Any], board: Board) -> tuple[str, list[str]]:
-    """The answer and the row-by-row think steps; the last step ends with the answer
-    (``Total N.`` for counts, ``so X.`` for compare)."""
-    def count(row: list[str], color: Any = None, shape: Any = None) -> int:
-        return sum(1 for cell in row if cell and (color is None or cell.split(" ")[0] == color)
+    """The answer and the think steps; the last step ends with the answer (``Total N.`` for counts,
+    ``so X.`` for compare).
+
+    The steps decompose the count by *content*, not by position: ``count_color`` counts its colour
+    shape by shape, ``count_shape`` its shape colour by colour, each with a running total; ``compare``
+    counts each colour, then compares. Every step names what it counts ("red circles: 2."), so it can
+    be checked against the image without knowing where the cells are, which is what a small
+    vision-language model can learn (row-by-row steps need position-selective attention over the image
+    tokens, and the tiny policy never learned that: it emitted the same row pattern for every board).
+    """
+    def count(color: Any = None, shape: Any = None) -> int:
+        return sum(1 for row in board for cell in row if cell
+                   and (color is None or cell.split(" ")[0] == color)
                    and (shape is None or cell.split(" ")[1] == shape))
 
     steps: list[str] = []
-    total = 0
     if family == "compare":
         a, b = query["colors"]
-        t_a = t_b = 0
-        # Running totals only (in the question's a, b order): the per-row counts and colour names of the
-        # first version made a response ~97 tokens, over the RL budget; this one is <= 61 with the end.
-        for r, row in enumerate(board, start=1):
-            t_a, t_b = t_a + count(row, color=a), t_b + count(row, color=b)
-            steps.append(f"Row {r}: {t_a}, {t_b}.")
-        answer = "A" if t_a > t_b else "B" if t_b > t_a else "C"
-        steps.append(f"{t_a} {a}, {t_b} {b}, so {answer}.")
+        n_a, n_b = count(color=a), count(color=b)
+        steps += [f"{a} shapes: {n_a}.", f"{b} shapes: {n_b}."]
+        answer, sign = ("A", ">") if n_a > n_b else ("B", "<") if n_b > n_a else ("C", "=")
+        steps.append(f"{n_a} {sign} {n_b}, so {answer}.")
         return answer, steps
-    for r, row in enumerate(board, start=1):
-        if family == "count_shape":
-            n, noun = count(row, shape=query["shape"]), str(query["shape"])
-            total += n
-            steps.append(f"Row {r}: {_plural(n, noun)}. Total {total}.")
-        else:
-            n = count(row, color=query["color"])
-            total += n
-            steps.append(f"Row {r}: {n} {query['color']}. Total {total}.")
+    total = 0
+    if family == "count_shape":
+        parts = [(c, query["shape"]) for c in COLORS]
+    elif family in ("count_color", "count_plus"):
+        parts = [(query["color"], s) for s in SHAPES]
+    else:
+        raise ValueError(f"unknown family {family!r} (expected one of {FAMILIES})")
+    for color, shape in parts:
+        n = count(color=color, shape=shape)
+        total += n
+        steps.append(f"{color} {shape}s: {n}. Total {total}.")
     if family == "count_plus":
         total += int(query["add"])
         steps.append(f"Add {query['add']}. Total {total}.")
@@ -300,9 +309,18 @@ def write_world(records: Sequence[QuestionRecord], out_dir: str | Path, name: st
     return write_records(records, Path(out_dir) / f"{name}.jsonl")
 
 
-def format_response(record: QuestionRecord) -> str:
-    """The SFT target: ``<think> step1 step2 ... </think> \\boxed{answer}``."""
-    return f"<think> {' '.join(record.think_steps)} </think> \\boxed{{{record.answer}}}"
+def format_response(record: QuestionRecord, after_hint: int = 0) -> str:
+    """The SFT target: ``<think> step1 step2 ... </think> \\boxed{answer}``.
+
+    ``after_hint=k``: the target for a prompt that already shows the first ``k`` steps as a hint. The
+    response goes on from the hint (steps k+1..n) instead of repeating it: the next step needs only the
+    hint's last running total, which a tiny model retrieves reliably, while re-copying every hinted number
+    is an induction task it mostly failed at (it recounted from the image instead, and the hint bought
+    nothing on hard questions).
+    """
+    if not 0 <= after_hint < len(record.think_steps):
+        raise ValueError(f"after_hint must lie in 0..{len(record.think_steps) - 1}, got {after_hint}")
+    return f"<think> {' '.join(record.think_steps[after_hint:])} </think> \\boxed{{{record.answer}}}"
 
 
 def world_corpus(records: Sequence[QuestionRecord]) -> list[str]:

@@ -12,7 +12,9 @@ import torch
 
 from diva_lightning.data.schema import QuestionRecord, decode_image, load_records
 from diva_lightning.data.world import (
+    COLORS,
     FAMILIES,
+    SHAPES,
     board_split,
     format_response,
     generate_world,
@@ -117,18 +119,31 @@ def test_answers_match_the_pixels_and_the_fast_renderer(train: list[QuestionReco
         assert answer_from_board(record, board) == record.answer
 
 
-def test_think_steps_count_row_by_row_and_end_with_the_answer(train: list[QuestionRecord]) -> None:
+def test_think_steps_count_by_content_as_read_from_the_pixels(train: list[QuestionRecord]) -> None:
+    """Every step names what it counts; the count is re-read from the decoded image, not from meta."""
     for record in train:
-        steps, grid = record.think_steps, record.meta["grid"]
-        assert [s.split(":")[0] for s in steps[:grid]] == [f"Row {r}" for r in range(1, grid + 1)]
+        steps, board = record.think_steps, read_board(decode_image(record.images[0]), record.meta["grid"])
+        objects = [cell.split(" ") for row in board for cell in row if cell]
         if record.meta["family"] == "compare":
-            assert re.search(r"so ([ABC])\.$", steps[-1]).group(1) == record.answer
+            a, b = record.meta["colors"]
+            n_a, n_b = (sum(c == x for c, _ in objects) for x in (a, b))
+            sign = ">" if n_a > n_b else "<" if n_a < n_b else "="
+            assert steps == [f"{a} shapes: {n_a}.", f"{b} shapes: {n_b}.", f"{n_a} {sign} {n_b}, so {record.answer}."]
             continue
-        totals = [int(re.search(r"Total (\d+)\.$", s).group(1)) for s in steps]
-        assert totals[-1] == int(record.answer)
-        per_row = [int(re.match(r"Row \d+: (\d+) ", s).group(1)) for s in steps[:grid]]
-        running = [sum(per_row[: k + 1]) for k in range(grid)]
-        assert totals[:grid] == running
+        counted = steps[:-1] if record.meta["family"] == "count_plus" else steps
+        running = 0
+        for step in counted:
+            color, shape, n, total = re.fullmatch(r"(\w+) (\w+)s: (\d+)\. Total (\d+)\.", step).groups()
+            assert int(n) == sum(o == [color, shape] for o in objects), (record.id, step)
+            running += int(n)
+            assert int(total) == running
+        if record.meta["family"] == "count_color":
+            assert [s.split(" ")[1] for s in counted] == [f"{x}s:" for x in SHAPES]
+        if record.meta["family"] == "count_shape":
+            assert [s.split(" ")[0] for s in counted] == list(COLORS)
+        if record.meta["family"] == "count_plus":
+            assert steps[-1] == f"Add {record.meta['add']}. Total {running + record.meta['add']}."
+        assert re.search(r"Total (\d+)\.$", steps[-1]).group(1) == record.answer
 
 
 def test_level_sets_the_number_of_targets_and_distractors() -> None:
@@ -163,6 +178,11 @@ def test_format_response_and_corpus(train: list[QuestionRecord]) -> None:
     match = re.fullmatch(r"<think> (.+) </think> \\boxed\{(.+)\}", response)
     assert match and match.group(2) == record.answer
     assert match.group(1) == " ".join(record.think_steps)
+    # After a k-step hint the target goes on from step k+1 (the hint is in the prompt, not repeated).
+    k = len(record.think_steps) - 1
+    assert format_response(record, after_hint=k) == f"<think> {record.think_steps[-1]} </think> \\boxed{{{record.answer}}}"
+    with pytest.raises(ValueError, match="after_hint"):
+        format_response(record, after_hint=k + 1)
     corpus = world_corpus(train)
     assert response in corpus and record.problem in corpus and record.variants[-1] in corpus
     assert any(t.startswith("Hint:") for t in corpus) and any("rotated by 45 degrees" in t for t in corpus)
@@ -170,7 +190,7 @@ def test_format_response_and_corpus(train: list[QuestionRecord]) -> None:
 
 def test_bigger_grid_and_bad_arguments() -> None:
     (record,) = generate_world(1, seed=0, grid=6, levels=(5,))
-    assert len(record.meta["cells"]) == 6 and len(record.think_steps) == 6
+    assert len(record.meta["cells"]) == 6 and len(record.think_steps) == 3  # count_color: one step per shape
     assert decode_image(record.images[0]).shape == (3, 168, 168)
     with pytest.raises(ValueError, match="split"):
         generate_world(1, seed=0, split="dev")
