@@ -4,10 +4,10 @@
 
 It builds the tiny Qwen2.5-VL (tokenizer trained on the world's text, random weights) and teaches it, with
 a Lightning `fit` of `SFTModule` on `SFTDataModule`, the response format
-`<think> ... </think> \\boxed{answer}` and a moderate skill on the procedural world. Training prompts
-include paraphrases and hinted prompts, whose target goes on from the hint's last step (so the policy
-learns to use hints, as the paper's hinted variants assume) but only clean images (so perturbations stay hard). The result is saved in the standard
-`save_pretrained` layout at `output_dir`. Measured numbers: docs/calibration.md.
+`<think> ... </think> \\boxed{answer}` and a moderate skill on the procedural world. Training prompts include
+paraphrases and hinted prompts, whose target goes on from the hint's last step (so the policy learns to use hints,
+as the paper's hinted variants assume), but only clean images (so perturbations stay hard). The result is saved in
+the standard `save_pretrained` layout at `output_dir`. Measured numbers: docs/calibration.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Outputs in the sweep folder: `table2.md`/`table2.csv` (final and best val/accuracy, mean ± std over seeds, delta
 to full), `efficiency.md`/`efficiency.csv` (steps and seconds to reach GRPO's best, ratio to GRPO), `report.md`
 (both tables), and PNGs: `val_accuracy_vs_step.png`, `val_accuracy_vs_time.png`, `frac_reward_zero_std.png`,
-`frac_family_zero_std.png`, `difficulty_hist_full.png`; report.md also has a learning-signal table.
+`frac_family_zero_std.png`, `frac_zero_advantage.png`, `difficulty_hist_full.png`; report.md also has a
+learning-signal table.
 
     python sweeps/report.py --storage sqlite:///outputs/ablate/study.db --study diva-ablate --out outputs/ablate
 """
@@ -125,6 +126,10 @@ def write_plots(runs: list[RunData], out_dir: Path) -> list[Path]:
     # responses and a GRPO one G=10, so the family rate is the like-for-like advantage-vanishing rate.
     band_plot("frac_family_zero_std.png", "frac_family_zero_std", "optimizer steps",
               {row: [series(r.metrics, "frac_family_zero_std") for r in rr] for row, rr in by_row.items()})
+    # The advantage-vanishing rate itself: responses whose final advantage is exactly 0 (DIVA's global term keeps
+    # a zero-spread prompt group's advantage alive when its family has spread).
+    band_plot("frac_zero_advantage.png", "frac_zero_advantage", "optimizer steps",
+              {row: [series(r.metrics, "frac_zero_advantage") for r in rr] for row, rr in by_row.items()})
     # Wall-clock: seconds differ per seed, so x is the seeds' mean time at each validated step.
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, rr in by_row.items():
@@ -168,8 +173,8 @@ def _difficulty_heatmap(plt: object, runs: list[RunData], path: Path) -> Path:
     return path
 
 
-SIGNAL_COLUMNS = ("frac_reward_zero_std", "frac_family_zero_std", "variant_rescue_rate", "tier/easy/count",
-                  "tier/medium/count", "tier/hard/count")
+SIGNAL_COLUMNS = ("frac_reward_zero_std", "frac_family_zero_std", "frac_zero_advantage", "variant_rescue_rate",
+                  "tier/easy/count", "tier/medium/count", "tier/hard/count")
 
 
 def signal_table(runs: list[RunData]) -> str:

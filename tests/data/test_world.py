@@ -180,7 +180,8 @@ def test_format_response_and_corpus(train: list[QuestionRecord]) -> None:
     assert match.group(1) == " ".join(record.think_steps)
     # After a k-step hint the target goes on from step k+1 (the hint is in the prompt, not repeated).
     k = len(record.think_steps) - 1
-    assert format_response(record, after_hint=k) == f"<think> {record.think_steps[-1]} </think> \\boxed{{{record.answer}}}"
+    last = f"<think> {record.think_steps[-1]} </think> \\boxed{{{record.answer}}}"
+    assert format_response(record, after_hint=k) == last
     with pytest.raises(ValueError, match="after_hint"):
         format_response(record, after_hint=k + 1)
     corpus = world_corpus(train)
