@@ -12,8 +12,8 @@ saturated colours on white. Question families:
 The intrinsic level (1..``max_level``) sets how many targets and distractors the board holds, so it
 really changes how often a small model is right; the think steps count by content (shape by shape or
 colour by colour, with a running total: see :func:`solve`), so a hint that reveals the first steps leaves
-less to count. Level, family, query and the board itself
-are in ``meta`` (``render_tensor`` redraws the image from them).
+less to count. Level, family, query and the board itself are in ``meta`` (``render_tensor`` redraws the
+image from them).
 
 Split disjointness: the split of a board is a hash of its cell contents (80/10/10 buckets), and a
 generator for split ``s`` rejects boards whose bucket is not ``s``. So no image (hence no
@@ -208,10 +208,6 @@ def _draw_question(rng: random.Random, family: str, level: int, max_level: int, 
     for pos, obj in zip(rng.sample(range(n_cells), len(targets) + len(distract)), targets + distract):
         cells[pos] = obj
     return query, [cells[r * grid:(r + 1) * grid] for r in range(grid)]
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def solve(family: str, query: dict[str, Any], board: Board) -> tuple[str, list[str]]:
