@@ -242,6 +242,7 @@ class DivaGRPOModule(pl.LightningModule):
             "family_ids": family_ids,
             "is_original": batch.is_original[prompt_ids],
             "tier": batch.tier[prompt_ids],
+            "kind": batch.kind[prompt_ids],
             "difficulty": labels,
             "question_ids": [batch.question_ids[i] for i in prompt_ids.tolist()],
             "completion_lengths": mask.sum(-1),

@@ -175,18 +175,22 @@ def _difficulty_heatmap(plt: object, runs: list[RunData], path: Path) -> Path:
 
 SIGNAL_COLUMNS = ("frac_reward_zero_std", "frac_family_zero_std", "frac_zero_advantage", "variant_rescue_rate",
                   "tier/easy/count", "tier/medium/count", "tier/hard/count")
+# Where the zero-spread local groups come from: by the kind of prompt, and by the question's tier.
+ZERO_SPREAD_COLUMNS = ("frac_reward_zero_std/original", "frac_reward_zero_std/paraphrase",
+                       "frac_reward_zero_std/image", "frac_reward_zero_std/hint", "tier/easy/frac_zero_std",
+                       "tier/medium/frac_zero_std", "tier/hard/frac_zero_std")
 
 
-def signal_table(runs: list[RunData]) -> str:
-    """Markdown: per row, the mean over all logged steps and seeds of the signal-health columns (- if never logged).
+def signal_table(runs: list[RunData], columns: tuple[str, ...] = SIGNAL_COLUMNS) -> str:
+    """Markdown: per row, the mean over all logged steps and seeds of the given columns (- if never logged).
 
     Tier counts are responses per step (to originals and variants); a row whose prompts never leave the medium tier
     has not engaged DIVA's difficulty loop.
     """
-    lines = ["| method | " + " | ".join(SIGNAL_COLUMNS) + " |", "|---" * (len(SIGNAL_COLUMNS) + 1) + "|"]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row, rr in _by_row(runs).items():
         cells = []
-        for col in SIGNAL_COLUMNS:
+        for col in columns:
             values = [v for r in rr for _, v in series(r.metrics, col)]
             cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -201,6 +205,8 @@ def write_report(runs: list[RunData], out_dir: str | Path) -> Path:
     pngs = write_plots(runs, out)
     lines = ["# DIVA-GRPO ablation (Table 2 form)", "", tables["table2"], "## Efficiency", "", tables["efficiency"],
              "## Learning signal (mean over steps and seeds)", "", signal_table(runs),
+             "## Zero-spread local groups by prompt kind and question tier (mean over steps and seeds)", "",
+             signal_table(runs, ZERO_SPREAD_COLUMNS),
              "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"

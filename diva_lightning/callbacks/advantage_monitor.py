@@ -11,13 +11,16 @@ length N (missing optional keys just skip their metrics):
 | `is_original` | [N] bool | response to the unmodified question | no |
 | `accuracy`, `format` | [N] float | reward components | no |
 | `tier` | [N] int | 0 easy, 1 medium, 2 hard | no |
+| `kind` | [N] int | 0 original, 1 paraphrase, 2 image, 3 hint (prompt the response answers) | no |
 | `completion_lengths` | [N] int | tokens per response | no |
 | `advantages` | [N] float | final advantage per response | no |
 | `timings` | dict[str, float] | seconds per phase (rollout, reward, advantage, update) | no |
 
 Logged: `reward`, `reward_std`, `rewards/accuracy`, `rewards/format`, `frac_reward_zero_std`,
-`frac_family_zero_std`, `variant_rescue_rate`, `completions/mean_length`, `tier/{easy,medium,hard}/count` and
-`/accuracy`, `advantage/{mean,std,abs_mean}`, `frac_zero_advantage`, `timing/<phase>_s`.
+`frac_family_zero_std`, `variant_rescue_rate`, `completions/mean_length`, `tier/{easy,medium,hard}/count`,
+`/accuracy` and `/frac_zero_std` (local groups of that tier), `frac_reward_zero_std/{original,paraphrase,image,hint}`
+(local groups of that prompt kind: where DIVA's zero-spread groups come from), `advantage/{mean,std,abs_mean}`,
+`frac_zero_advantage`, `timing/<phase>_s`.
 With several ranks, fractions are computed per rank and averaged by Lightning (`sync_dist`).
 """
 
@@ -33,6 +36,7 @@ from typing_extensions import override
 from diva_lightning.core.metrics import variant_rescue_rate, zero_std_fraction
 
 TIER_NAMES = ("easy", "medium", "hard")
+KIND_NAMES = ("original", "paraphrase", "image", "hint")
 
 
 def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
@@ -68,6 +72,14 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
             m[f"tier/{name}/count"] = float(sel.sum())
             if acc is not None and bool(sel.any()):
                 m[f"tier/{name}/accuracy"] = float(acc.detach().cpu().double()[sel].mean())
+            if bool(sel.any()):
+                m[f"tier/{name}/frac_zero_std"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
+    if "kind" in outputs:
+        kind = outputs["kind"].detach().cpu()
+        for code, name in enumerate(KIND_NAMES):
+            sel = kind == code
+            if bool(sel.any()):
+                m[f"frac_reward_zero_std/{name}"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
     if "advantages" in outputs:
         adv = outputs["advantages"].detach().double().cpu()
         m["advantage/mean"] = float(adv.mean())

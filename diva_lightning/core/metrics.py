@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["group_has_spread", "zero_std_fraction", "variant_rescue_rate", "per_group_mean"]
+__all__ = [
+    "group_has_spread", "zero_std_fraction", "variant_rescue_rate", "per_group_mean", "zero_spread_probability",
+]
 
 
 def _dense(ids: Tensor) -> tuple[Tensor, int]:
@@ -78,3 +80,28 @@ def variant_rescue_rate(
     fam_spread = group_has_spread(values, question_ids)
     rescued = fam_spread[torch.searchsorted(fam_uniq, stuck_q)]
     return float(rescued.to(torch.float64).mean())
+
+
+def zero_spread_probability(p: Tensor | float, n: int) -> Tensor:
+    """Probability that a group of ``n`` independent 0/1 rewards with success rate ``p`` has zero spread.
+
+    ``P0(p, n) = p**n + (1 - p)**n``: all correct or all wrong. It is the expected ``frac_reward_zero_std`` of a
+    group of ``n`` responses to a prompt the policy answers right with probability ``p``. It falls with ``n`` for
+    every ``p`` strictly inside (0, 1) and is smallest at ``p = 0.5``, where it is ``2 ** (1 - n)``. So at an
+    equal rollout budget, a DIVA local group (``G`` responses) has a higher floor than a GRPO group of
+    ``(V + 1) * G`` responses to the same question, and DIVA's variants can only win where the original's ``p`` is
+    near 0 or 1 (docs/zero_spread.md works the crossover out).
+
+    Args:
+        p: success probabilities in [0, 1], any shape.
+        n: responses per group, >= 1.
+
+    Returns:
+        float64 tensor of p's shape.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    pt = torch.as_tensor(p, dtype=torch.float64)
+    if bool(((pt < 0) | (pt > 1) | torch.isnan(pt)).any()):
+        raise ValueError("p must lie in [0, 1]")
+    return pt**n + (1 - pt) ** n

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from diva_lightning.callbacks import AdvantageMonitor, DifficultyCallback
+from diva_lightning.callbacks.advantage_monitor import monitor_metrics
 from tests.helpers.foreign import ForeignModule, loader
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,3 +106,26 @@ def test_ddp_ranks_hold_identical_tables(tmp_path: Path) -> None:
     # merged per step: q0 2/2 right (-2), q1 0/2 (+2), q2 2/4 (0), q3 2/2 (-2)
     assert r0[0] == pytest.approx({"q0": 3.0, "q1": 7.0, "q2": 5.0, "q3": 3.0})
     assert r0[-1] == pytest.approx({"q0": 1.0, "q1": 9.0, "q2": 5.0, "q3": 1.0})
+
+
+def test_monitor_splits_zero_spread_by_kind_and_tier() -> None:
+    # Four local groups of 2 responses: an original and a hint variant of family 0 (hard tier),
+    # an original and an image variant of family 1 (easy tier).
+    out = {
+        "rewards": torch.tensor([1.0, 1.0, 0.1, 1.0, 0.1, 0.1, 0.1, 0.1]),
+        "prompt_ids": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+        "family_ids": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),
+        "is_original": torch.tensor([True, True, False, False, True, True, False, False]),
+        "kind": torch.tensor([0, 0, 3, 3, 0, 0, 2, 2]),
+        "tier": torch.tensor([2, 2, 2, 2, 0, 0, 0, 0]),
+    }
+    m = monitor_metrics(out)
+    assert m["frac_reward_zero_std"] == pytest.approx(3 / 4)  # only the hint group (0.1, 1) has spread
+    assert m["frac_family_zero_std"] == pytest.approx(1 / 2)  # family 1 is all 0.1
+    assert m["frac_reward_zero_std/original"] == pytest.approx(1.0)
+    assert m["frac_reward_zero_std/hint"] == pytest.approx(0.0)
+    assert m["frac_reward_zero_std/image"] == pytest.approx(1.0)
+    assert "frac_reward_zero_std/paraphrase" not in m  # no paraphrase prompt this step
+    assert m["tier/hard/frac_zero_std"] == pytest.approx(1 / 2)
+    assert m["tier/easy/frac_zero_std"] == pytest.approx(1.0)
+    assert m["variant_rescue_rate"] == pytest.approx(1 / 2)  # family 0 rescued by its hint, family 1 not

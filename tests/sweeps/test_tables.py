@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.report import RunData, write_report
+from sweeps.report import RunData, signal_table, write_report
 from sweeps.runlog import read_metrics, series, val_curve, val_times
 from sweeps.tables import efficiency, first_reach, mean_curve, mean_std, table2
 
@@ -107,6 +107,10 @@ def test_report_tables_and_plots(tmp_path: Path) -> None:
     assert float(eff["full"]["step_ratio"]) == pytest.approx(0.5)
     text = report.read_text()
     assert "| full | 2 | 0.700 ± 0.141 | +0.000 |" in text
+    # zero-spread means over 4 steps x 2 seeds: (0.5 + 0.5 + 0.25 + 0.25) / 4; unlogged split columns show "-"
+    assert signal_table(runs, ("frac_reward_zero_std", "frac_reward_zero_std/hint")).splitlines()[2] == (
+        "| full | 0.375 | - |")
+    assert "## Zero-spread local groups by prompt kind" in text
     import matplotlib.image as mpimg
 
     for name in ("val_accuracy_vs_step", "val_accuracy_vs_time", "frac_reward_zero_std", "difficulty_hist_full"):
