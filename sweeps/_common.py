@@ -21,7 +21,11 @@ ROWS: dict[str, tuple[str, ...]] = {
     "no_rrb": ("experiments/ablate/no_rrb.yaml",),
     "no_gl_balance": ("experiments/ablate/no_gl_balance.yaml",),
     "grpo": ("experiments/grpo.yaml",),
+    # Optional baseline, not in the default matrix: GRPO with DIVA's group size (G=5) and twice the questions per
+    # step, the same rollout budget (the authors' GRPO_n=5 runs). Per-prompt zero-spread rates compare like for like.
+    "grpo_n5": ("experiments/grpo.yaml", "experiments/grpo_n5.yaml"),
 }
+TABLE2_ROWS: tuple[str, ...] = ("full", "no_variants", "no_difficulty_weighting", "no_rrb", "no_gl_balance", "grpo")
 FULL_ROW, BASELINE_ROW = "full", "grpo"
 
 

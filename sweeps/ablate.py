@@ -28,7 +28,7 @@ import optuna  # noqa: E402
 from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from sweeps._common import REPO, ROWS, Cell, TrialSettings, build_grid  # noqa: E402
+from sweeps._common import REPO, ROWS, TABLE2_ROWS, Cell, TrialSettings, build_grid  # noqa: E402
 from sweeps.claim import cell_states, claim_next, fail_stale, heartbeat, open_storage, requeue, setup_study  # noqa: E402
 from sweeps.report import runs_from_study, write_report  # noqa: E402
 from sweeps.tables import mean_std  # noqa: E402
@@ -42,7 +42,7 @@ class SweepOptions:
     out: Path = Path("outputs/ablate")
     storage: str | None = None  # default: sqlite:///<out>/study.db
     study: str = "diva-ablate"
-    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    rows: list[str] = field(default_factory=lambda: list(TABLE2_ROWS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     settings: TrialSettings = field(default_factory=TrialSettings)
     workers: int = 1
@@ -156,7 +156,8 @@ def parse_args(argv: list[str] | None = None) -> SweepOptions:
     p.add_argument("--out", default="outputs/ablate", help="sweep folder: runs/, logs/, tables, plots")
     p.add_argument("--storage", default=None, help="Optuna RDB URL or journal:<file> (default sqlite in --out)")
     p.add_argument("--study", default="diva-ablate", help="study name (one study = one matrix)")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows of the matrix")
+    p.add_argument("--rows", nargs="+", default=list(TABLE2_ROWS), choices=list(ROWS),
+                   help="rows of the matrix (default: the Table 2 rows; grpo_n5 is an extra baseline)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (one cell per row and seed)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per cell")
     p.add_argument("--val-every", type=int, default=20, help="validate every N steps (must divide --steps)")

@@ -22,6 +22,7 @@ OVERLAYS = {
     "no_rrb": REPO / "experiments/ablate/no_rrb.yaml",
     "no_gl_balance": REPO / "experiments/ablate/no_gl_balance.yaml",
 }
+GRPO_N5 = REPO / "experiments/grpo_n5.yaml"  # stacked on grpo.yaml
 # What each overlay may change relative to full.yaml (besides the logger's experiment name).
 EXPECTED_DIFF = {
     "grpo": {"model.init_args.num_generations", "model.init_args.advantage", "data.init_args.num_variants",
@@ -99,6 +100,20 @@ def test_overlay_changes_exactly_its_component(name: str, tmp_path: Path) -> Non
         assert cli.datamodule.num_variants == 0 and isinstance(adv, DivaAdvantage)
 
 
+def test_grpo_n5_keeps_the_budget_at_divas_group_size(tmp_path: Path) -> None:
+    grpo = _resolved(_cli(FULL, OVERLAYS["grpo"], tmp_path=tmp_path))
+    cli = _cli(FULL, OVERLAYS["grpo"], GRPO_N5, tmp_path=tmp_path)
+    over = _resolved(cli)
+    changed = {k for k in set(grpo) | set(over) if grpo.get(k) != over.get(k) and "logger" not in k}
+    assert changed == {"model.init_args.num_generations", "data.init_args.questions_per_step"}
+    full = _cli(FULL, tmp_path=tmp_path)
+    # same rollouts per step as full (B x (V+1) x G = 8 x 2 x 5 = 80), prompt groups as large as DIVA's
+    assert cli.datamodule.questions_per_step * cli.model.num_generations == 80 == (
+        full.datamodule.questions_per_step * (full.datamodule.num_variants + 1) * full.model.num_generations)
+    assert cli.model.num_generations == full.model.num_generations == cli.datamodule.num_generations
+    assert isinstance(cli.model.advantage, GRPOAdvantage) and cli.datamodule.num_variants == 0
+
+
 def test_warmup_config_parses(tmp_path: Path) -> None:
     from diva_lightning.warmup import SFTDataModule, SFTModule, WarmupCLI
 
@@ -110,7 +125,8 @@ def test_warmup_config_parses(tmp_path: Path) -> None:
 
 def test_every_shipped_yaml_is_covered() -> None:
     shipped = {p.resolve() for p in (REPO / "experiments").rglob("*.yaml")}
-    covered = {FULL.resolve(), (REPO / "experiments/warmup.yaml").resolve()} | {p.resolve() for p in OVERLAYS.values()}
+    covered = {FULL.resolve(), GRPO_N5.resolve(), (REPO / "experiments/warmup.yaml").resolve()}
+    covered |= {p.resolve() for p in OVERLAYS.values()}
     assert shipped == covered, f"untested configs: {sorted(map(str, shipped - covered))}"
 
 

@@ -118,6 +118,7 @@ def test_monitor_splits_zero_spread_by_kind_and_tier() -> None:
         "is_original": torch.tensor([True, True, False, False, True, True, False, False]),
         "kind": torch.tensor([0, 0, 3, 3, 0, 0, 2, 2]),
         "tier": torch.tensor([2, 2, 2, 2, 0, 0, 0, 0]),
+        "accuracy": torch.tensor([1.0, 1, 0, 1, 0, 0, 0, 0]),
     }
     m = monitor_metrics(out)
     assert m["frac_reward_zero_std"] == pytest.approx(3 / 4)  # only the hint group (0.1, 1) has spread
@@ -129,3 +130,6 @@ def test_monitor_splits_zero_spread_by_kind_and_tier() -> None:
     assert m["tier/hard/frac_zero_std"] == pytest.approx(1 / 2)
     assert m["tier/easy/frac_zero_std"] == pytest.approx(1.0)
     assert m["variant_rescue_rate"] == pytest.approx(1 / 2)  # family 0 rescued by its hint, family 1 not
+    assert m["kind/original/accuracy"] == pytest.approx(2 / 4)
+    assert m["kind/original/frac_all_correct"] == pytest.approx(1 / 2)  # family 0's original (1, 1)
+    assert m["kind/hint/frac_all_correct"] == 0.0 and m["kind/image/accuracy"] == 0.0

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeps._common import ROWS, Cell, TrialSettings, build_grid, fit_args
+from sweeps._common import ROWS, TABLE2_ROWS, Cell, TrialSettings, build_grid, fit_args
 from sweeps.ablate import SweepOptions, load, progress, work
 from sweeps.claim import claim_next, open_storage, setup_study
 from sweeps.trial import CellResult
@@ -20,7 +20,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def test_grid_is_rows_times_seeds_in_row_order() -> None:
-    grid = build_grid(list(ROWS), [0, 1, 2])
+    assert set(TABLE2_ROWS) <= set(ROWS) and "grpo_n5" not in TABLE2_ROWS
+    grid = build_grid(list(TABLE2_ROWS), [0, 1, 2])
     assert len(grid) == 18 and len(set(grid)) == 18
     assert grid[:4] == [Cell("full", 0), Cell("full", 1), Cell("full", 2), Cell("no_variants", 0)]
     assert grid[-1] == Cell("grpo", 2)
