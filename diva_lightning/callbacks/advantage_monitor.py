@@ -19,7 +19,8 @@ length N (missing optional keys just skip their metrics):
 Logged: `reward`, `reward_std`, `rewards/accuracy`, `rewards/format`, `frac_reward_zero_std`,
 `frac_family_zero_std`, `variant_rescue_rate`, `completions/mean_length`, `tier/{easy,medium,hard}/count`,
 `/accuracy` and `/frac_zero_std` (local groups of that tier), `frac_reward_zero_std/{original,paraphrase,image,hint}`
-(local groups of that prompt kind: where DIVA's zero-spread groups come from), `advantage/{mean,std,abs_mean}`,
+(local groups of that prompt kind: where DIVA's zero-spread groups come from), `kind/<kind>/accuracy` and
+`/frac_all_correct` (with `accuracy`: does a variant kind overshoot or undershoot), `advantage/{mean,std,abs_mean}`,
 `frac_zero_advantage`, `timing/<phase>_s`.
 With several ranks, fractions are computed per rank and averaged by Lightning (`sync_dist`).
 """
@@ -33,7 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from diva_lightning.core.metrics import variant_rescue_rate, zero_std_fraction
+from diva_lightning.core.metrics import per_group_mean, variant_rescue_rate, zero_std_fraction
 
 TIER_NAMES = ("easy", "medium", "hard")
 KIND_NAMES = ("original", "paraphrase", "image", "hint")
@@ -64,9 +65,9 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
                 m["variant_rescue_rate"] = rate
     if "completion_lengths" in outputs:
         m["completions/mean_length"] = float(outputs["completion_lengths"].detach().double().mean())
+    acc = outputs.get("accuracy")
     if "tier" in outputs:
         tier = outputs["tier"].detach().cpu()
-        acc = outputs.get("accuracy")
         for code, name in enumerate(TIER_NAMES):
             sel = tier == code
             m[f"tier/{name}/count"] = float(sel.sum())
@@ -80,6 +81,12 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
             sel = kind == code
             if bool(sel.any()):
                 m[f"frac_reward_zero_std/{name}"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
+                if acc is not None:
+                    a = acc.detach().cpu().double()[sel]
+                    m[f"kind/{name}/accuracy"] = float(a.mean())
+                    # local groups answered right every time: a variant that overshoots (too easy) shows here
+                    _, means = per_group_mean(a, prompt_ids[sel])
+                    m[f"kind/{name}/frac_all_correct"] = float((means == 1.0).double().mean())
     if "advantages" in outputs:
         adv = outputs["advantages"].detach().double().cpu()
         m["advantage/mean"] = float(adv.mean())
