@@ -2,6 +2,7 @@
 
     python sweeps/zero_spread.py --out docs/zero_spread.png                       # the curves only
     python sweeps/zero_spread.py --measure --temperatures 1.0 0.7 --samples 20   # + the policy's own questions
+    python sweeps/zero_spread.py --sweep outputs/zs --out docs/zero_spread.png   # + a sweep's runs, by prompt kind
 
 A question the policy answers right with probability ``p`` gives a zero-spread group of ``n`` responses with
 probability ``P0(p, n) = p**n + (1 - p)**n`` (``diva_lightning.core.metrics.zero_spread_probability``). GRPO
@@ -16,13 +17,19 @@ With ``--measure`` it also samples ``--samples`` responses per training question
 policy by default) and estimates, without bias, each question's chance that a random subset of ``n`` of those
 responses has zero reward spread (hypergeometric: ``sum_v C(count_v, n) / C(m, n)`` over the distinct reward
 values). Averaged over the questions this gives GRPO's expected ``frac_reward_zero_std`` with ``(V + 1) * G``
-responses, DIVA's with variants as hard as the original, and DIVA's floor, at each temperature.
+responses, DIVA's with variants as hard as the original, and DIVA's floor, at each temperature (printed, and
+written to ``<out stem>_measured.md``).
+
+With ``--sweep DIR`` (a `sweeps/ablate.py` output folder holding the rows `full`, `grpo` and optionally
+`grpo_n5`) it plots, per training step and averaged over seeds, DIVA's per-prompt zero-spread rate split by prompt
+kind, GRPO's, and the floor DIVA's own original groups allow, into ``<out stem>_runs.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,7 +38,11 @@ from pathlib import Path
 
 import torch
 
-from diva_lightning.core.metrics import zero_spread_probability
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diva_lightning.core.metrics import zero_spread_probability  # noqa: E402
+from sweeps.runlog import read_metrics, series  # noqa: E402
 
 
 def diva_floor(p: torch.Tensor, group: int, variants: int) -> torch.Tensor:
@@ -144,6 +155,72 @@ def markdown(rows: Sequence[Measured], group: int, variants: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+KINDS = ("original", "paraphrase", "image", "hint")
+
+
+Curve = tuple[list[int], list[float]]
+
+
+def sweep_curves(sweep: Path, group: int = 5, variants: int = 1, window: int = 10) -> dict[str, Curve]:
+    """Seed-mean, ``window``-step rolling-mean curves (steps, values) of the zero-spread rates in a sweep folder.
+
+    Keys: ``full``, ``full/<kind>`` (steps where that kind of prompt occurred), ``full floor`` (``(original +
+    V * 2**(1-G)) / (V + 1)`` per step), ``grpo``, ``grpo_n5`` (those present). Raises FileNotFoundError naming the
+    folder when ``full`` or ``grpo`` is missing.
+    """
+
+    def mean_curve(row: str, key: str) -> Curve:
+        files = sorted((sweep / "runs" / row).glob("*/metrics.csv"))
+        per_seed = [dict(series(read_metrics(f), key)) for f in files]
+        steps = sorted(set().union(*per_seed)) if per_seed else []
+        raw = [sum(d[s] for d in per_seed if s in d) / sum(s in d for d in per_seed) for s in steps]
+        return steps, [sum(raw[max(0, i - window + 1):i + 1]) / len(raw[max(0, i - window + 1):i + 1])
+                       for i in range(len(raw))]
+
+    for row in ("full", "grpo"):
+        if not list((sweep / "runs" / row).glob("*/metrics.csv")):
+            raise FileNotFoundError(f"{sweep}: no runs/{row}/*/metrics.csv (run sweeps/ablate.py --rows full grpo)")
+    out = {"full": mean_curve("full", "frac_reward_zero_std")}
+    for kind in KINDS:
+        out[f"full/{kind}"] = mean_curve("full", f"frac_reward_zero_std/{kind}")
+    floor = 2.0 ** (1 - group)
+    steps, orig = out["full/original"]
+    out["full floor"] = (steps, [(x + variants * floor) / (variants + 1) for x in orig])
+    out["grpo"] = mean_curve("grpo", "frac_reward_zero_std")
+    if list((sweep / "runs" / "grpo_n5").glob("*/metrics.csv")):
+        out["grpo_n5"] = mean_curve("grpo_n5", "frac_reward_zero_std")
+    return out
+
+
+def plot_sweep(curves: dict[str, Curve], out: Path, window: int = 10) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {"full": ("tab:blue", "-", 2.2), "full floor": ("tab:blue", ":", 1.6), "grpo": ("tab:orange", "-", 2.2),
+             "grpo_n5": ("tab:green", "-", 1.6), "full/original": ("tab:purple", "--", 1.0),
+             "full/paraphrase": ("tab:cyan", "--", 1.0), "full/image": ("tab:red", "--", 1.0),
+             "full/hint": ("tab:olive", "--", 1.0)}
+    labels = {"full": "DIVA (full), all local groups", "full floor": "DIVA floor: its originals + variants at p=0.5",
+              "grpo": "GRPO, G=10", "grpo_n5": "GRPO, G=5, 16 questions"}
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    for key, (xs, ys) in curves.items():
+        if not ys:
+            continue
+        color, ls, lw = style.get(key, ("grey", "-", 1.0))
+        ax.plot(xs, ys, ls, color=color, lw=lw, label=labels.get(key, f"DIVA {key[5:]} groups"))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"frac_reward_zero_std ({window}-step rolling mean, seed mean)")
+    ax.set_title("Where DIVA's zero-spread prompt groups come from")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot(out: Path, group: int = 5, variants: int = 1) -> Path:
     import matplotlib
 
@@ -184,17 +261,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=20, help="responses per question (>= (V + 1) * G)")
     ap.add_argument("--seed", type=int, default=0, help="world seed (data.world.seed)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep", type=Path, help="an ablate.py output folder with rows full and grpo (+ grpo_n5)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     path = plot(a.out, a.group, a.variants)
     print(f"[zero_spread] crossover p = {crossover(a.group, a.variants):.4f}; wrote {path}")
+    if a.sweep is not None:
+        runs_png = plot_sweep(sweep_curves(a.sweep, a.group, a.variants), a.out.with_name(a.out.stem + "_runs.png"))
+        print(f"[zero_spread] wrote {runs_png}")
     if a.measure:
         if a.samples < (a.variants + 1) * a.group:
             ap.error(f"--samples must be >= (V + 1) * G = {(a.variants + 1) * a.group}")
         rows = measure(a.policy, temperatures=a.temperatures, questions=a.questions, samples=a.samples,
                        group=a.group, variants=a.variants, seed=a.seed)
         table = markdown(rows, a.group, a.variants)
-        a.out.with_suffix(".md").write_text(table)
+        a.out.with_name(a.out.stem + "_measured.md").write_text(table)
         print(table)
 
 

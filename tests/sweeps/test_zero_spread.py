@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diva_lightning.core.metrics import zero_spread_probability
-from sweeps.zero_spread import crossover, diva_floor, main, measure, subset_zero_spread, summarise
+from sweeps.zero_spread import (
+    crossover,
+    diva_floor,
+    main,
+    measure,
+    plot_sweep,
+    subset_zero_spread,
+    summarise,
+    sweep_curves,
+)
 
 
 def test_subset_zero_spread_by_hand() -> None:
@@ -82,3 +91,40 @@ def test_measure_real_policy_and_cli(tiny_policy_dir: str, tmp_path: Path) -> No
 
     img = mpimg.imread(tmp_path / "zs.png")
     assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0
+
+
+def _metrics(path: Path, rows: list[dict[str, float]]) -> None:
+    """A CSVLogger-shaped metrics.csv: one row per step (Lightning's step = steps done - 1)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = sorted({k for r in rows for k in r} | {"step"})
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        for i, r in enumerate(rows):
+            w.writerow({"step": i, **r})
+
+
+def test_sweep_curves_by_hand(tmp_path: Path) -> None:
+    # full, two seeds, two steps; the image kind only occurs at step 2 in seed 0
+    _metrics(tmp_path / "runs/full/s0/metrics.csv", [
+        {"frac_reward_zero_std": 0.5, "frac_reward_zero_std/original": 0.5},
+        {"frac_reward_zero_std": 0.25, "frac_reward_zero_std/original": 0.25, "frac_reward_zero_std/image": 1.0}])
+    _metrics(tmp_path / "runs/full/s1/metrics.csv", [
+        {"frac_reward_zero_std": 0.3, "frac_reward_zero_std/original": 0.3},
+        {"frac_reward_zero_std": 0.15, "frac_reward_zero_std/original": 0.15}])
+    _metrics(tmp_path / "runs/grpo/s0/metrics.csv", [{"frac_reward_zero_std": 0.1}, {"frac_reward_zero_std": 0.2}])
+    c = sweep_curves(tmp_path, group=5, variants=1, window=2)
+    # seed means 0.4, 0.2 -> rolling (window 2): 0.4, 0.3
+    assert c["full"][0] == [1, 2] and c["full"][1] == pytest.approx([0.4, 0.3])
+    assert c["full/image"] == ([2], [1.0])  # only where the kind occurred, at its real step
+    # floor from the originals: (0.4 + 1/16) / 2, then rolling originals 0.3 -> (0.3 + 1/16) / 2
+    assert c["full floor"][1] == pytest.approx([(0.4 + 1 / 16) / 2, (0.3 + 1 / 16) / 2])
+    assert c["grpo"][1] == pytest.approx([0.1, 0.15]) and "grpo_n5" not in c
+    with pytest.raises(FileNotFoundError, match=r"runs/full: no runs/full/\*/metrics.csv"):
+        sweep_curves(tmp_path / "runs/full")  # a folder without the rows
+    png = plot_sweep(c, tmp_path / "runs.png")
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(png).std() > 0
