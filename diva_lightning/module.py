@@ -76,6 +76,9 @@ class SamplingConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: int = 64
     """Maximum response length in tokens."""
+    num_samples: int = 1
+    """Evaluation only: responses per question, accuracy averaged over them (mean@k; needs temperature > 0 when
+    above 1). Rollouts use ``num_generations`` instead, so ``train_sampling`` must leave it at 1."""
 
 
 
@@ -132,6 +135,12 @@ class DivaGRPOModule(pl.LightningModule):
                 problems.append(f"{name} must be >= 1 or null, got {value}")
         if dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if train_sampling is not None and train_sampling.num_samples != 1:
+            problems.append("train_sampling.num_samples must stay 1 (rollouts draw num_generations per prompt)")
+        if val_sampling is not None and val_sampling.num_samples < 1:
+            problems.append(f"val_sampling.num_samples must be >= 1, got {val_sampling.num_samples}")
+        elif val_sampling is not None and val_sampling.num_samples > 1 and val_sampling.temperature <= 0:
+            problems.append("val_sampling.num_samples > 1 needs temperature > 0 (greedy answers are all the same)")
         if problems:
             raise ValueError("DivaGRPOModule: " + "; ".join(problems))
         self.automatic_optimization = False
@@ -331,7 +340,8 @@ class DivaGRPOModule(pl.LightningModule):
         assert self.policy is not None
         self.policy.eval()
         with torch.no_grad():
-            roll = self._sample(self._encode(batch), self.val_sampling, 1, stable_seed("eval", self.seed, prefix))
+            roll = self._sample(self._encode(batch), self.val_sampling, self.val_sampling.num_samples,
+                                stable_seed("eval", self.seed, prefix))
         answers = [batch.answers[i] for i in roll.prompt_index.tolist()]
         graded = self._grade(roll.texts, answers)
         acc = graded.accuracy.to(self.device, torch.float32)

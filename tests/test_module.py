@@ -110,3 +110,32 @@ def test_micro_batch_stats_combine_to_the_full_batch_stats(agg: str) -> None:
     combined = combine_micro_stats(parts)
     for key in ("loss/policy", "kl", "ratio/max"):
         assert combined[key] == pytest.approx(full[key], rel=1e-5), key
+
+
+def test_validation_mean_at_k_grades_k_samples_per_question(tiny_policy_dir: str, tmp_path: Path) -> None:
+    from tests.helpers import rewards
+
+    rewards.GRADED.clear()
+    args = small_args(tiny_policy_dir, tmp_path, "--model.init_args.val_sampling.temperature", "0.7",
+                      "--model.init_args.val_sampling.max_new_tokens", "6",
+                      "--model.init_args.val_sampling.num_samples", "3", steps=0)
+    args = ["validate"] + args[1:]
+    args[args.index("tests.helpers.rewards.contains_one")] = "tests.helpers.rewards.counting_contains_one"
+    i = args.index("--trainer.limit_val_batches")
+    del args[i:i + 2]
+    cli = run_cli(args)
+    # 8 validation questions x 3 samples, and val/accuracy is the mean over all 24 graded responses
+    assert len(rewards.GRADED) == 24
+    expected = sum(rewards.contains_one(r, "") for r in rewards.GRADED) / 24
+    assert float(cli.trainer.callback_metrics["val/accuracy"]) == pytest.approx(expected)
+
+
+def test_sampling_config_errors_name_the_field() -> None:
+    from diva_lightning.module import DivaGRPOModule, SamplingConfig
+
+    with pytest.raises(ValueError, match=r"val_sampling.num_samples > 1 needs temperature > 0"):
+        DivaGRPOModule(val_sampling=SamplingConfig(temperature=0.0, num_samples=2))
+    with pytest.raises(ValueError, match=r"val_sampling.num_samples must be >= 1, got 0"):
+        DivaGRPOModule(val_sampling=SamplingConfig(temperature=0.6, num_samples=0))
+    with pytest.raises(ValueError, match=r"train_sampling.num_samples must stay 1"):
+        DivaGRPOModule(train_sampling=SamplingConfig(num_samples=4))
