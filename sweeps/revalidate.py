@@ -1,4 +1,4 @@
-"""Re-validate a sweep's final checkpoints (and the base policy) under another decoding, e.g. the paper's.
+"""Re-validate a sweep's trained policies (and the base policy) under another decoding, e.g. the paper's.
 
     python sweeps/revalidate.py --sweep outputs/zs --temperature 0.6 --top-p 0.95 --samples 4
 
@@ -6,7 +6,8 @@ Each run folder `runs/<row>/<seed>/` of an `ablate.py` sweep holds `config.yaml`
 `policy/` (the trained policy, exported at the end of fit). Each is validated with `python -m diva_lightning
 validate` on its own config, with `model.init_args.policy` pointed at that folder and the decoding overridden. (Not
 with `--ckpt_path`: LightningCLI then re-applies the hyperparameters stored in the checkpoint, which would undo the
-decoding override.) The base policy is validated the same way with the config's own policy. Writes `<sweep>/revalidate_<tag>.md` and `.csv`: accuracy per run, and mean +- std (sample std) per row.
+decoding override.) The base policy is validated the same way with the config's own policy. Writes
+`<sweep>/revalidate_<tag>.md` and `.csv`: accuracy per run, and mean +- std (sample std) per row.
 """
 
 from __future__ import annotations
