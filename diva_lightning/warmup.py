@@ -12,10 +12,14 @@ the standard `save_pretrained` layout at `output_dir`. Measured numbers: docs/ca
 
 from __future__ import annotations
 
+import hashlib
+import json
+import platform
 import random
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -208,7 +212,47 @@ class SFTModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.trainer.global_rank == 0 and self.bundle is not None:
             self.bundle.save(self.output_dir)
-            print(f"[diva-lightning] base policy saved to {self.output_dir}", flush=True)
+            info = write_build_info(self.output_dir, steps=int(self.trainer.global_step))
+            print(f"[diva-lightning] base policy saved to {self.output_dir} (weights sha256 "
+                  f"{info['weights_sha256'][:12]}..., {info['cpu_capability']}; see build_info.json)", flush=True)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_build_info(output_dir: str | Path, *, steps: int) -> dict[str, Any]:
+    """Record what a base-policy build depends on in ``<output_dir>/build_info.json`` and return it.
+
+    The warm-up is deterministic on one machine, but float kernels differ between CPUs (instruction sets, thread
+    counts), so two machines can build different weights from the same code. The weights' sha256 tells builds apart;
+    the versions and CPU facts say where a difference can come from.
+    """
+    import transformers
+
+    out = Path(output_dir)
+    weights = out / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else ""
+    info: dict[str, Any] = {
+        "weights_sha256": digest,
+        "sft_steps": steps,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+    }
+    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 class WarmupCLI(LightningCLI):

@@ -87,6 +87,14 @@ def test_warmup_cli_end_to_end_writes_a_loadable_generating_policy(tmp_path: Pat
               "false", "--trainer.enable_model_summary", "false"])
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (out / name).is_file(), name
+    # build_info.json names the build: the weights' hash (recomputed here) and the machine facts behind it
+    import hashlib
+    import json
+
+    info = json.loads((out / "build_info.json").read_text())
+    assert info["weights_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert info["sft_steps"] == 3 and info["torch"] == torch.__version__
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and info["cpu_model"]
     bundle = load_policy(out)
     assert bundle.tokenizer.convert_tokens_to_ids("<think>") != bundle.tokenizer.unk_token_id
     records = generate_world(2, seed=0, split="val")
