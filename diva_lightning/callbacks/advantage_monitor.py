@@ -22,7 +22,10 @@ Logged: `reward`, `reward_std`, `rewards/accuracy`, `rewards/format`, `frac_rewa
 (local groups of that prompt kind: where DIVA's zero-spread groups come from), `kind/<kind>/accuracy` and
 `/frac_all_correct` (with `accuracy`: does a variant kind overshoot or undershoot), `advantage/{mean,std,abs_mean}`,
 `frac_zero_advantage`, `timing/<phase>_s`.
-With several ranks, fractions are computed per rank and averaged by Lightning (`sync_dist`).
+With several ranks, fractions are computed per rank and averaged by Lightning (`sync_dist`). Metrics that exist
+only when a rank's batch holds their case (`variant_rescue_rate`, `tier/<tier>/accuracy` and `/frac_zero_std`,
+`frac_reward_zero_std/<kind>`, `kind/...`) are logged from rank 0 alone: a synchronised key that one rank logs and
+another does not would deadlock the collective.
 """
 
 from __future__ import annotations
@@ -98,6 +101,13 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
     return m
 
 
+def rank_dependent(key: str) -> bool:
+    """Whether a metric of :func:`monitor_metrics` exists only when a batch holds its case (see module docstring)."""
+    if key == "variant_rescue_rate" or key.startswith(("kind/", "frac_reward_zero_std/")):
+        return True
+    return key.startswith("tier/") and not key.endswith("/count")
+
+
 class AdvantageMonitor(Callback):
     """Logs reward spread, advantage-vanishing rates, variant rescue and timings after every training batch.
 
@@ -117,6 +127,13 @@ class AdvantageMonitor(Callback):
     ) -> None:
         if batch_idx % self.log_every_n_steps or not isinstance(outputs, dict):
             return
-        metrics = monitor_metrics(outputs)
-        pl_module.log_dict({self.prefix + k: v for k, v in metrics.items()}, on_step=True, on_epoch=False,
-                           sync_dist=trainer.world_size > 1, batch_size=int(outputs["rewards"].numel()))
+        metrics = {self.prefix + k: v for k, v in monitor_metrics(outputs).items()}
+        n = int(outputs["rewards"].numel())
+        if trainer.world_size == 1:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
+            return
+        local = {k: v for k, v in metrics.items() if rank_dependent(k[len(self.prefix):])}
+        shared = {k: v for k, v in metrics.items() if k not in local}
+        pl_module.log_dict(shared, on_step=True, on_epoch=False, sync_dist=True, batch_size=n)
+        if trainer.global_rank == 0 and local:
+            pl_module.log_dict(local, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=n)

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from diva_lightning.callbacks import AdvantageMonitor, DifficultyCallback
-from diva_lightning.callbacks.advantage_monitor import monitor_metrics
+from diva_lightning.callbacks.advantage_monitor import monitor_metrics, rank_dependent
 from tests.helpers.foreign import ForeignModule, loader
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,6 +106,11 @@ def test_ddp_ranks_hold_identical_tables(tmp_path: Path) -> None:
     # merged per step: q0 2/2 right (-2), q1 0/2 (+2), q2 2/4 (0), q3 2/2 (-2)
     assert r0[0] == pytest.approx({"q0": 3.0, "q1": 7.0, "q2": 5.0, "q3": 3.0})
     assert r0[-1] == pytest.approx({"q0": 1.0, "q1": 9.0, "q2": 5.0, "q3": 1.0})
+    # the monitor ran on both ranks without deadlock: shared metrics are synchronised, and rank 0, which never saw
+    # a hint prompt, logged its own per-kind rate only
+    names = torch.load(tmp_path / "metrics0.pt")
+    assert "frac_reward_zero_std" in names and "frac_reward_zero_std/original" in names
+    assert "frac_reward_zero_std/hint" not in names
 
 
 def test_monitor_splits_zero_spread_by_kind_and_tier() -> None:
@@ -133,3 +138,7 @@ def test_monitor_splits_zero_spread_by_kind_and_tier() -> None:
     assert m["kind/original/accuracy"] == pytest.approx(2 / 4)
     assert m["kind/original/frac_all_correct"] == pytest.approx(1 / 2)  # family 0's original (1, 1)
     assert m["kind/hint/frac_all_correct"] == 0.0 and m["kind/image/accuracy"] == 0.0
+    # which names may be missing on some rank (logged from rank 0 only under DDP)
+    assert {k for k in m if rank_dependent(k)} == {k for k in m if k.startswith(("kind/", "frac_reward_zero_std/"))} | {
+        "variant_rescue_rate", "tier/hard/frac_zero_std", "tier/easy/frac_zero_std", "tier/hard/accuracy",
+        "tier/easy/accuracy"}
