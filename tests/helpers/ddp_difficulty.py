@@ -46,8 +46,8 @@ def main(out: Path) -> None:
             return loader(["q0", "q2"] if rank == 0 else ["q1", "q3", "q2"], steps=3)
 
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[diff, rec, AdvantageMonitor()],
-                         use_distributed_sampler=False)
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[diff, rec, AdvantageMonitor()], use_distributed_sampler=False)
     trainer.fit(module, datamodule=Data())
     torch.save(rec.snapshots, out / f"rank{trainer.global_rank}.pt")
     if trainer.global_rank == 0:
