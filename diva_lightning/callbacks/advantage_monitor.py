@@ -68,14 +68,14 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
                 m["variant_rescue_rate"] = rate
     if "completion_lengths" in outputs:
         m["completions/mean_length"] = float(outputs["completion_lengths"].detach().double().mean())
-    acc = outputs.get("accuracy")
+    acc: Tensor | None = outputs["accuracy"].detach().cpu().double() if "accuracy" in outputs else None
     if "tier" in outputs:
         tier = outputs["tier"].detach().cpu()
         for code, name in enumerate(TIER_NAMES):
             sel = tier == code
             m[f"tier/{name}/count"] = float(sel.sum())
             if acc is not None and bool(sel.any()):
-                m[f"tier/{name}/accuracy"] = float(acc.detach().cpu().double()[sel].mean())
+                m[f"tier/{name}/accuracy"] = float(acc[sel].mean())
             if bool(sel.any()):
                 m[f"tier/{name}/frac_zero_std"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
     if "kind" in outputs:
@@ -85,7 +85,7 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
             if bool(sel.any()):
                 m[f"frac_reward_zero_std/{name}"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
                 if acc is not None:
-                    a = acc.detach().cpu().double()[sel]
+                    a = acc[sel]
                     m[f"kind/{name}/accuracy"] = float(a.mean())
                     # local groups answered right every time: a variant that overshoots (too easy) shows here
                     _, means = per_group_mean(a, prompt_ids[sel])
