@@ -113,12 +113,13 @@ def summarise(per_question: Sequence[Sequence[float]], accuracy: Sequence[Sequen
 def measure(policy: str, *, temperatures: Sequence[float], questions: int, samples: int, group: int,
             variants: int, seed: int = 0, batch_size: int = 16, max_new_tokens: int = 80) -> list[Measured]:
     """Sample ``samples`` responses to each of the first ``questions`` training questions per temperature."""
-    from diva_lightning.calibrate import grade
     from diva_lightning.data.schema import decode_image
     from diva_lightning.data.world import generate_world
     from diva_lightning.models.policy import load_policy
+    from diva_lightning.rewards import CombinedReward
     from diva_lightning.rollout.hf import HFGenerateEngine
 
+    reward = CombinedReward()  # the RL reward (0.9 accuracy + 0.1 format), so "zero spread" means what training sees
     bundle = load_policy(policy)
     records = generate_world(questions, seed=seed, split="train")
     images = [decode_image(r.images[0], None) for r in records]
@@ -133,12 +134,15 @@ def measure(policy: str, *, temperatures: Sequence[float], questions: int, sampl
             inputs = bundle.encode([r.problem for r in recs], [[im] for im in images[s:s + batch_size]])
             roll = engine.generate(bundle, inputs, num_generations=samples, temperature=temp, top_p=1.0,
                                    max_new_tokens=max_new_tokens, do_sample=True, seed=seed * 1000 + s)
-            answers = [recs[i].answer for i in roll.prompt_index.tolist()]
-            acc, fmt = grade(roll.texts, answers)
-            for i in range(len(recs)):
-                idx = [j for j, q in enumerate(roll.prompt_index.tolist()) if q == i]
-                accs.append([acc[j] for j in idx])
-                rewards.append([0.9 * acc[j] + 0.1 * fmt[j] for j in idx])
+            owner = roll.prompt_index.tolist()
+            graded = reward(roll.texts, [recs[i].answer for i in owner])
+            batch_rewards: list[list[float]] = [[] for _ in recs]
+            batch_accs: list[list[float]] = [[] for _ in recs]
+            for i, r, a in zip(owner, graded.reward.tolist(), graded.accuracy.tolist()):
+                batch_rewards[i].append(r)
+                batch_accs[i].append(a)
+            rewards += batch_rewards
+            accs += batch_accs
             print(f"[zero_spread] T={temp}: {min(s + batch_size, len(records))}/{len(records)} questions "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
         out.append(summarise(rewards, accs, temperature=temp, group=group, variants=variants))
