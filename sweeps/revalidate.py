@@ -7,14 +7,13 @@ Each run folder `runs/<row>/<seed>/` of an `ablate.py` sweep holds `config.yaml`
 validate` on its own config, with `model.init_args.policy` pointed at that folder and the decoding overridden. (Not
 with `--ckpt_path`: LightningCLI then re-applies the hyperparameters stored in the checkpoint, which would undo the
 decoding override.) The base policy is validated the same way with the config's own policy. Writes
-`<sweep>/revalidate_<tag>.md` and `.csv`: accuracy per run, and mean +- std (sample std) per row.
+`<sweep>/revalidate_<tag>.md` and `.csv`: accuracy per run, and mean ± std (sample std) per row.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps.tables import fmt, mean_std  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ def write(scores: list[Score], out_stem: Path, title: str) -> Path:
         rows.setdefault(s.row, []).append(s.accuracy)
     lines = [f"# {title}", "", "| row | runs | val/accuracy | per run |", "|---|---|---|---|"]
     for row, accs in rows.items():
-        spread = f" +- {statistics.stdev(accs):.3f}" if len(accs) > 1 else ""
-        lines.append(f"| {row} | {len(accs)} | {statistics.fmean(accs):.3f}{spread} | "
+        mean, std = mean_std(accs)
+        lines.append(f"| {row} | {len(accs)} | {fmt(mean, std if len(accs) > 1 else None)} | "
                      + ", ".join(f"{a:.3f}" for a in accs) + " |")
     md = Path(f"{out_stem}.md")
     md.write_text("\n".join(lines) + "\n")

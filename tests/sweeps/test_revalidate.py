@@ -30,6 +30,7 @@ def test_revalidate_a_run_folder_under_sampled_decoding(tiny_policy_dir: str, tm
     assert scores[0].accuracy == pytest.approx(base_hits)
     md = write(scores + [Score("full", "seed1", 0.5)], sweep / "revalidate_x0.6", "title")
     assert md.name == "revalidate_x0.6.md" and (sweep / "revalidate_x0.6.csv").is_file()
-    assert f"| full | 2 | {(scores[1].accuracy + 0.5) / 2:.3f} +- " in md.read_text()
+    assert f"| full | 2 | {(scores[1].accuracy + 0.5) / 2:.3f} ± " in md.read_text()
+    assert f"| base | 1 | {scores[0].accuracy:.3f} | " in md.read_text()  # one run: no spread shown
     with pytest.raises(FileNotFoundError, match="no runs/<row>/<seed>/config.yaml"):
         revalidate(tmp_path / "empty", [])
