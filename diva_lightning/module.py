@@ -37,6 +37,7 @@ from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.policy import PolicyBundle, load_policy
+from diva_lightning.models.prompt import PromptConfig
 from diva_lightning.rewards import CombinedReward
 from diva_lightning.rollout.base import RolloutEngine
 from diva_lightning.rollout.hf import HFGenerateEngine
@@ -88,6 +89,7 @@ class DivaGRPOModule(pl.LightningModule):
 
     Args:
         policy: a local checkpoint directory (the tiny embedded policy or e.g. a Qwen2.5-VL-7B copy) or a hub id.
+        prompt: the format instruction appended to every problem and variant, and the system turn.
         advantage: the estimator component (`DivaAdvantage` or `GRPOAdvantage`, by class_path).
         reward: the reward component (shaped reward with accuracy and format parts).
         rollout: the generation engine (`HFGenerateEngine`, or `VLLMEngine` on a CUDA machine).
@@ -107,6 +109,7 @@ class DivaGRPOModule(pl.LightningModule):
     def __init__(
         self,
         policy: str = "artifacts/base_policy",
+        prompt: PromptConfig | None = None,
         advantage: AdvantageEstimator | None = None,
         reward: CombinedReward | None = None,
         rollout: RolloutEngine | None = None,
@@ -145,6 +148,7 @@ class DivaGRPOModule(pl.LightningModule):
             raise ValueError("DivaGRPOModule: " + "; ".join(problems))
         self.automatic_optimization = False
         self.policy_path = policy
+        self.prompt = prompt or PromptConfig()
         self.advantage = advantage if advantage is not None else DivaAdvantage()
         self.reward = reward if reward is not None else CombinedReward()
         self.engine: RolloutEngine = rollout if rollout is not None else HFGenerateEngine()
@@ -172,7 +176,7 @@ class DivaGRPOModule(pl.LightningModule):
         if self.policy is not None:
             return
         dtype = getattr(torch, self.dtype_name)
-        self.bundle = load_policy(self.policy_path, dtype=dtype)
+        self.bundle = load_policy(self.policy_path, dtype=dtype, prompt=self.prompt)
         # load_policy returns an eval-mode model; the system trains it (the engine and Lightning's validation
         # loop switch to eval and back where needed).
         self.policy = self.bundle.model.train()

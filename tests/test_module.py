@@ -26,7 +26,7 @@ def small_args(policy: str, root: Path, *extra: str, steps: int = 2) -> list[str
         "--data.init_args.questions_per_step", "2", "--data.init_args.world.train_size", "24",
         "--data.init_args.world.val_size", "8", "--data.init_args.world.test_size", "8",
         "--model.init_args.num_generations", "3", "--model.init_args.train_sampling.max_new_tokens", "10",
-        "--model.init_args.reward.init_args.accuracy_fn", "tests.helpers.rewards.contains_one",
+        "--model.init_args.reward.init_args.accuracy_fn", "tests.helpers.rewards.contains_digit",
         "--model.init_args.lr", "1e-2", "--build_base_policy", "false",
     ]
 
@@ -120,13 +120,13 @@ def test_validation_mean_at_k_grades_k_samples_per_question(tiny_policy_dir: str
                       "--model.init_args.val_sampling.max_new_tokens", "6",
                       "--model.init_args.val_sampling.num_samples", "3", steps=0)
     args = ["validate"] + args[1:]
-    args[args.index("tests.helpers.rewards.contains_one")] = "tests.helpers.rewards.counting_contains_one"
+    args[args.index("tests.helpers.rewards.contains_digit")] = "tests.helpers.rewards.counting_contains_digit"
     i = args.index("--trainer.limit_val_batches")
     del args[i:i + 2]
     cli = run_cli(args)
     # 8 validation questions x 3 samples, and val/accuracy is the mean over all 24 graded responses
     assert len(rewards.GRADED) == 24
-    expected = sum(rewards.contains_one(r, "") for r in rewards.GRADED) / 24
+    expected = sum(rewards.contains_digit(r, "") for r in rewards.GRADED) / 24
     assert float(cli.trainer.callback_metrics["val/accuracy"]) == pytest.approx(expected)
 
 

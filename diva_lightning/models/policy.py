@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
 
+from diva_lightning.models.prompt import PromptConfig
 from diva_lightning.models.tiny import QWEN_CHAT_TEMPLATE
 from diva_lightning.models.vision import VisionSpec, num_image_tokens, preprocess_images
 
@@ -26,12 +27,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"  # how a record's ``problem`` marks where an image goes (design.md section 8)
 VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-# The format the rewards check (design.md section 2.4): reasoning in think tags, answer boxed.
-REASONING_SYSTEM_PROMPT = (
-    "You are a helpful assistant. First think about the reasoning process, enclosed in <think> </think> "
-    "tags, then give the final answer in \\boxed{}."
-)
 
 
 @dataclass
@@ -42,13 +37,13 @@ class PolicyBundle:
         model: the ``Qwen2_5_VLForConditionalGeneration`` (or Qwen2-VL) model.
         tokenizer: its tokenizer, with a ChatML chat template.
         image_processor: its Qwen2-VL image processor (only settings are read; preprocessing is torch).
-        system_prompt: system turn for every prompt; ``None`` keeps the template's default.
+        prompt: the format instruction appended to every problem and the system turn (``models.prompt``).
     """
 
     model: PreTrainedModel
     tokenizer: Any
     image_processor: Any
-    system_prompt: str | None = None
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     vision_spec: VisionSpec = field(init=False)
 
     def __post_init__(self) -> None:
@@ -106,11 +101,13 @@ class PolicyBundle:
 
     # prompts ---------------------------------------------------------------------------------------
     def build_prompt(self, problem: str) -> str:
-        """Chat-formatted prompt: a user turn (``<image>`` -> vision placeholder) + the assistant header."""
+        """Chat-formatted prompt: the problem plus the format instruction as the user turn (``<image>`` ->
+        vision placeholder), after the configured system turn, ending with the assistant header."""
         messages: list[dict[str, str]] = []
-        if self.system_prompt is not None:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": problem.replace(IMAGE_PLACEHOLDER, VISION_PLACEHOLDER)})
+        if self.prompt.system is not None:
+            messages.append({"role": "system", "content": self.prompt.system})
+        user = self.prompt.user_text(problem).replace(IMAGE_PLACEHOLDER, VISION_PLACEHOLDER)
+        messages.append({"role": "user", "content": user})
         return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     def encode(
@@ -176,7 +173,7 @@ def load_policy(
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
-    system_prompt: str | None = None,
+    prompt: PromptConfig | None = None,
     attn_implementation: str | None = None,
 ) -> PolicyBundle:
     """Load a Qwen2(.5)-VL policy from a local directory or, only if no such directory exists, the hub.
@@ -185,7 +182,7 @@ def load_policy(
         path_or_hub_id: a checkpoint directory (tiny or real) or a hub id (``Qwen/Qwen2.5-VL-3B-Instruct``).
         dtype: weights dtype, a ``torch.dtype`` or its name (default: transformers' default, float32).
         device: where to put the model (default: stays on CPU).
-        system_prompt: see :class:`PolicyBundle`.
+        prompt: the prompt template (default: the authors' R1 instruction, the template's system turn).
         attn_implementation: e.g. "sdpa", "eager", "flash_attention_2" (default: transformers' choice).
     """
     local = Path(path_or_hub_id).expanduser()
@@ -216,5 +213,6 @@ def load_policy(
         logger.warning("%s: tokenizer has no chat template; using the Qwen ChatML template", source)
         tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return PolicyBundle(
-        model=model.eval(), tokenizer=tokenizer, image_processor=image_processor, system_prompt=system_prompt
+        model=model.eval(), tokenizer=tokenizer, image_processor=image_processor,
+        prompt=prompt if prompt is not None else PromptConfig(),
     )

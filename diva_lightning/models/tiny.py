@@ -27,6 +27,8 @@ from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForCondit
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from diva_lightning.models.prompt import R1_INSTRUCTION
+
 # The Qwen2.5-VL added tokens, in the checkpoint's order (ids differ: ours follow the small BPE vocab).
 QWEN_VL_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -230,7 +232,9 @@ def build_tiny_policy(out_dir: str | Path, corpus: Iterable[str], *, seed: int =
     tiny_dims = TinyDims(**dims)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tiny_tokenizer(corpus, vocab_size=tiny_dims.vocab_size)
+    # The default prompt template ends every prompt with the R1 instruction: the tokenizer learns it too
+    # (41 tokens instead of 137 bytes-level ones).
+    tokenizer = train_tiny_tokenizer([*corpus, R1_INSTRUCTION], vocab_size=tiny_dims.vocab_size)
     model = build_tiny_model(tokenizer, seed=seed, dims=tiny_dims)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diva_lightning.models.policy import REASONING_SYSTEM_PROMPT, PolicyBundle, load_policy
+from diva_lightning.models.policy import PolicyBundle, load_policy
+from diva_lightning.models.prompt import R1_INSTRUCTION, PromptConfig
 from diva_lightning.models.tiny import build_tiny_policy, sample_corpus
 
 
@@ -19,15 +20,28 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> PolicyBundle:
 def test_build_prompt_places_vision_block(bundle: PolicyBundle) -> None:
     text = bundle.build_prompt("Look: <image> What is 3+4?")
     assert text.endswith(
-        "<|im_start|>user\nLook: <|vision_start|><|image_pad|><|vision_end|> What is 3+4?<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>user\nLook: <|vision_start|><|image_pad|><|vision_end|> What is 3+4? "
+        f"{R1_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
     )
-    with_system = PolicyBundle(
-        bundle.model, bundle.tokenizer, bundle.image_processor, REASONING_SYSTEM_PROMPT
+    # the authors use no custom system prompt: the template's default system turn stays
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    bare = PolicyBundle(bundle.model, bundle.tokenizer, bundle.image_processor, PromptConfig(None, "Be brief."))
+    assert bare.build_prompt("Q") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert with_system.build_prompt("Q").startswith(
-        f"<|im_start|>system\n{REASONING_SYSTEM_PROMPT}<|im_end|>"
-    )
+
+
+def test_encoded_prompt_carries_the_format_instruction(bundle: PolicyBundle) -> None:
+    """A policy loaded from any path is told the answer format (issue 11: a real model never was)."""
+    enc = bundle.encode(["<image> How many?"], [[torch.rand(3, 56, 56)]])
+    text = bundle.tokenizer.decode(enc["input_ids"][0].tolist())
+    assert text.rstrip().endswith(f"How many? {R1_INSTRUCTION}<|im_end|>\n<|im_start|>assistant")
+
+
+def test_prompt_config_check_names_blank_settings() -> None:
+    assert PromptConfig().check() == []
+    problems = PromptConfig(instruction="  ", system="").check()
+    assert len(problems) == 2 and "instruction is blank" in problems[0] and "system is blank" in problems[1]
 
 
 def test_encode_expands_pads_and_left_pads(bundle: PolicyBundle) -> None:

@@ -17,7 +17,7 @@ def test_revalidate_a_run_folder_under_sampled_decoding(tiny_policy_dir: str, tm
     sweep = tmp_path / "sweep"
     args = small_args(tiny_policy_dir, sweep / "runs", "--trainer.logger.init_args.name", "full",
                       "--trainer.logger.init_args.version", "seed0-t0", steps=1)
-    args[args.index("tests.helpers.rewards.contains_one")] = "tests.helpers.rewards.counting_contains_one"
+    args[args.index("tests.helpers.rewards.contains_digit")] = "tests.helpers.rewards.counting_contains_digit"
     run_cli(args)
     run = sweep / "runs" / "full" / "seed0-t0"
     assert (run / "config.yaml").is_file() and (run / "policy" / "config.json").is_file()
@@ -26,7 +26,7 @@ def test_revalidate_a_run_folder_under_sampled_decoding(tiny_policy_dir: str, tm
     assert [(s.row, s.run) for s in scores] == [("base", "-"), ("full", "seed0-t0")]
     # base and trained policy each answer 8 validation questions x 2 samples, graded by the run's own reward
     assert len(rewards.GRADED) == 2 * 8 * 2
-    base_hits = sum(rewards.contains_one(r, "") for r in rewards.GRADED[:16]) / 16
+    base_hits = sum(rewards.contains_digit(r, "") for r in rewards.GRADED[:16]) / 16
     assert scores[0].accuracy == pytest.approx(base_hits)
     md = write(scores + [Score("full", "seed1", 0.5)], sweep / "revalidate_x0.6", "title")
     assert md.name == "revalidate_x0.6.md" and (sweep / "revalidate_x0.6.csv").is_file()
