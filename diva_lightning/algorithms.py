@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 
 from torch import Tensor
 
-from diva_lightning.core.advantage import diva_advantages, grpo_advantages
+from diva_lightning.core.advantage import GRPO_SCALES, RRB_MODES, WEIGHT_TERMS, diva_advantages, grpo_advantages
 
 
 class AdvantageEstimator(ABC):
@@ -42,6 +42,9 @@ class DivaAdvantage(AdvantageEstimator):
         weight_terms: "global" (official) or "both".
         rrb: "range" (paper), "threshold" (official) or None.
         r_max: reward range used by rrb="range".
+        rrb_threshold / rrb_factor: rrb="threshold" (official `ZSCORENORM_WAN_RRBLOCAL_RRBGLOBAL`): a group
+            whose rewards are all below `rrb_threshold` has its advantages multiplied by `rrb_factor`
+            (official 0.15 and 0.1, applied to local and global groups separately).
         eps: added to standard deviations.
     """
 
@@ -58,29 +61,38 @@ class DivaAdvantage(AdvantageEstimator):
         rrb: str | None = "range",
         r_max: float = 1.0,
         eps: float = 1e-6,
+        rrb_threshold: float = 0.15,
+        rrb_factor: float = 0.1,
     ) -> None:
-        if weight_terms not in ("global", "both"):
-            raise ValueError(f"DivaAdvantage: weight_terms must be 'global' or 'both', got {weight_terms!r}")
-        if rrb not in ("range", "threshold", None):
-            raise ValueError(f"DivaAdvantage: rrb must be 'range', 'threshold' or None, got {rrb!r}")
+        problems = []
+        if weight_terms not in WEIGHT_TERMS:
+            problems.append(f"weight_terms must be one of {list(WEIGHT_TERMS)}, got {weight_terms!r}")
+        if rrb not in RRB_MODES:
+            problems.append(f"rrb must be one of {list(RRB_MODES)}, got {rrb!r}")
         if r_max <= 0:
-            raise ValueError(f"DivaAdvantage: r_max must be > 0, got {r_max}")
+            problems.append(f"r_max must be > 0, got {r_max}")
+        if rrb_factor < 0:
+            problems.append(f"rrb_factor must be >= 0, got {rrb_factor}")
+        if problems:
+            raise ValueError("DivaAdvantage: " + "; ".join(problems))
         self.k, self.local_weight, self.global_weight = k, local_weight, global_weight
         self.batch_norm, self.difficulty_weighting, self.weight_terms = batch_norm, difficulty_weighting, weight_terms
         self.rrb, self.r_max, self.eps = rrb, r_max, eps
+        self.rrb_threshold, self.rrb_factor = rrb_threshold, rrb_factor
 
     def __call__(self, rewards: Tensor, prompt_ids: Tensor, family_ids: Tensor, difficulty: Tensor) -> Tensor:
         return diva_advantages(
             rewards, prompt_ids, family_ids, difficulty, k=self.k, local_weight=self.local_weight,
             global_weight=self.global_weight, batch_norm=self.batch_norm,
             difficulty_weighting=self.difficulty_weighting, weight_terms=self.weight_terms, rrb=self.rrb,
-            r_max=self.r_max, eps=self.eps,
+            r_max=self.r_max, rrb_threshold=self.rrb_threshold, rrb_factor=self.rrb_factor, eps=self.eps,
         )
 
     def __repr__(self) -> str:
         return (f"DivaAdvantage(k={self.k}, local_weight={self.local_weight}, global_weight={self.global_weight}, "
                 f"batch_norm={self.batch_norm}, difficulty_weighting={self.difficulty_weighting}, "
-                f"weight_terms={self.weight_terms!r}, rrb={self.rrb!r})")
+                f"weight_terms={self.weight_terms!r}, rrb={self.rrb!r}, rrb_threshold={self.rrb_threshold}, "
+                f"rrb_factor={self.rrb_factor})")
 
 
 class GRPOAdvantage(AdvantageEstimator):
@@ -95,8 +107,8 @@ class GRPOAdvantage(AdvantageEstimator):
     uses_variants = False
 
     def __init__(self, scale: str = "group", eps: float = 1e-6) -> None:
-        if scale not in ("group", "batch", "none"):
-            raise ValueError(f"GRPOAdvantage: scale must be 'group', 'batch' or 'none', got {scale!r}")
+        if scale not in GRPO_SCALES:
+            raise ValueError(f"GRPOAdvantage: scale must be one of {list(GRPO_SCALES)}, got {scale!r}")
         self.scale, self.eps = scale, eps
 
     def __call__(self, rewards: Tensor, prompt_ids: Tensor, family_ids: Tensor, difficulty: Tensor) -> Tensor:

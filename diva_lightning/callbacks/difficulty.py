@@ -1,12 +1,14 @@
-"""`DifficultyCallback`: owns the per-question difficulty table and updates it from rollout accuracy.
+"""`DifficultyCallback`: owns the per-question difficulty table and updates it from rollout accuracy (or reward).
 
 Usable in any Lightning project. The contract:
 
 - **Input.** After each training batch the callback reads, from the dict returned by `training_step` (or, if that
-  returns a tensor/None, from `pl_module.difficulty_outputs`), either
-  `"difficulty_stats"`: a `core.difficulty.DifficultyStats` (question ids, correct counts, response counts), or
-  `"question_ids"` (list[str], one per response) with `"accuracy"` (tensor [N] of 0/1 or fractions).
-  Accuracy must be the correctness term, not a shaped reward.
+  returns a tensor/None, from `pl_module.difficulty_outputs`), with `statistic="accuracy"` (default, the paper)
+  either `"difficulty_stats"`: a `core.difficulty.DifficultyStats` (question ids, correct counts, response
+  counts), or `"question_ids"` (list[str], one per response) with `"accuracy"` (tensor [N] of 0/1 or fractions),
+  the correctness term, not a shaped reward. With `statistic="reward"` (the authors' code) it reads
+  `"question_ids"` with `"rewards"` (tensor [N] in [0, 1], the combined 0.9 accuracy + 0.1 format reward) and
+  the family's mean reward is alpha; `"difficulty_stats"` is not used then.
 - **Output.** `callback.table` (a `DifficultyTable`). In `setup` the table is attached to
   `trainer.datamodule.difficulty_table` and `pl_module.difficulty_table` when those attributes exist, so a data
   pipeline can read the live difficulties.
@@ -30,27 +32,45 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from diva_lightning.core.difficulty import DifficultyStats, DifficultyTable
+from diva_lightning.core.difficulty import DIFFICULTY_STATISTICS, RULES, DifficultyStats, DifficultyTable
 from diva_lightning.core.tiers import tier_of
 
 log = logging.getLogger(__name__)
 
 
-def stats_from_outputs(outputs: Any) -> DifficultyStats | None:
-    """Extract per-question statistics from a step's outputs (see module docstring for the accepted keys)."""
+# The outputs key each statistic is read from.
+_STATISTIC_KEY = {"accuracy": "accuracy", "reward": "rewards"}
+
+
+def stats_from_outputs(outputs: Any, statistic: str = "accuracy") -> DifficultyStats | None:
+    """Extract per-question statistics from a step's outputs (see module docstring for the accepted keys).
+
+    With `statistic="reward"` the "correct" sums of the returned stats are sums of rewards, so the
+    table's alpha is the family's mean reward.
+    """
+    if statistic not in DIFFICULTY_STATISTICS:
+        raise ValueError(f"statistic must be one of {list(DIFFICULTY_STATISTICS)}, got {statistic!r}")
     if not isinstance(outputs, dict):
         return None
-    if isinstance(outputs.get("difficulty_stats"), DifficultyStats):
+    if statistic == "accuracy" and isinstance(outputs.get("difficulty_stats"), DifficultyStats):
         return outputs["difficulty_stats"]
-    if "question_ids" in outputs and "accuracy" in outputs:
+    key = _STATISTIC_KEY[statistic]
+    if "question_ids" in outputs and key in outputs:
         ids = list(outputs["question_ids"])
-        acc = torch.as_tensor(outputs["accuracy"], dtype=torch.float64).detach().cpu().flatten()
-        if len(ids) != acc.numel():
+        values = torch.as_tensor(outputs[key], dtype=torch.float64).detach().cpu().flatten()
+        if len(ids) != values.numel():
             raise ValueError(
-                f"DifficultyCallback: outputs['question_ids'] has {len(ids)} entries but outputs['accuracy'] "
-                f"has {acc.numel()}; they must be one per response"
+                f"DifficultyCallback: outputs['question_ids'] has {len(ids)} entries but outputs[{key!r}] "
+                f"has {values.numel()}; they must be one per response"
             )
-        return DifficultyTable.merge_stats([DifficultyStats(ids, acc, torch.ones_like(acc))])
+        bad = ~((values >= 0) & (values <= 1))
+        if bool(bad.any()):
+            idx = bad.nonzero()[:, 0].tolist()[:10]
+            raise ValueError(
+                f"DifficultyCallback: statistic={statistic!r} needs outputs[{key!r}] in [0, 1]; bad values "
+                f"{values[bad].tolist()[:10]} at responses {idx}"
+            )
+        return DifficultyTable.merge_stats([DifficultyStats(ids, values, torch.ones_like(values))])
     return None
 
 
@@ -59,6 +79,10 @@ class DifficultyCallback(Callback):
 
     Args:
         rule: "linear" (paper) or "binned" (official bins).
+        statistic: what alpha averages over the family's responses: "accuracy" (paper, default) or
+            "reward" (the authors' code: the combined 0.9 accuracy + 0.1 format reward, read from
+            `outputs["rewards"]`). They differ for well-formatted wrong answers: an all-wrong,
+            well-formatted family has accuracy 0 (binned rule: +2) but reward 0.1 (binned rule: +1).
         eta: step size of the linear rule.
         d_min / d_max / initial: the difficulty scale and the starting value of unseen questions.
         update: "step" (update after every training batch) or "epoch" (accumulate, apply at epoch end).
@@ -79,10 +103,13 @@ class DifficultyCallback(Callback):
         d_mid: float = 5.0,
         band: float = 0.5,
         log_histogram: bool = True,
+        statistic: str = "accuracy",
     ) -> None:
         problems = []
-        if rule not in ("linear", "binned"):
-            problems.append(f"rule must be 'linear' or 'binned', got {rule!r}")
+        if rule not in RULES:
+            problems.append(f"rule must be one of {list(RULES)}, got {rule!r}")
+        if statistic not in DIFFICULTY_STATISTICS:
+            problems.append(f"statistic must be one of {list(DIFFICULTY_STATISTICS)}, got {statistic!r}")
         if update not in ("step", "epoch"):
             problems.append(f"update must be 'step' or 'epoch', got {update!r}")
         if not d_min <= initial <= d_max:
@@ -93,7 +120,7 @@ class DifficultyCallback(Callback):
             problems.append(f"eta must be >= 0, got {eta}")
         if problems:
             raise ValueError("DifficultyCallback: " + "; ".join(problems))
-        self.update, self.warmup_steps = update, warmup_steps
+        self.update, self.warmup_steps, self.statistic = update, warmup_steps, statistic
         self.d_mid, self.band, self.log_histogram = d_mid, band, log_histogram
         self.table = DifficultyTable(initial=initial, d_min=d_min, d_max=d_max, eta=eta, rule=rule)
         self.num_updates = 0
@@ -115,13 +142,15 @@ class DifficultyCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        stats = stats_from_outputs(outputs)
+        stats = stats_from_outputs(outputs, self.statistic)
         if stats is None:
-            stats = stats_from_outputs(getattr(pl_module, "difficulty_outputs", None))
+            stats = stats_from_outputs(getattr(pl_module, "difficulty_outputs", None), self.statistic)
         if stats is None:
+            wanted = ("neither 'difficulty_stats' nor 'question_ids' + 'accuracy'" if self.statistic == "accuracy"
+                      else "no 'question_ids' + 'rewards' (needed by statistic='reward')")
             raise KeyError(
-                "DifficultyCallback: training_step outputs carry neither 'difficulty_stats' nor "
-                "'question_ids' + 'accuracy' (see diva_lightning.callbacks.difficulty for the contract)"
+                f"DifficultyCallback: training_step outputs carry {wanted} "
+                "(see diva_lightning.callbacks.difficulty for the contract)"
             )
         stats = self._gather(stats)
         # trainer.global_step counts optimizer steps; with manual optimization it is already incremented here.

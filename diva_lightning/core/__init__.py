@@ -12,8 +12,15 @@ from diva_lightning.core.advantage import (
     range_scale,
     threshold_scale,
 )
-from diva_lightning.core.difficulty import DifficultyStats, DifficultyTable, update_difficulty
-from diva_lightning.core.loss import PolicyLossStats, aggregate, policy_loss
+from diva_lightning.core.correction import IS_LEVELS, IS_MODES, CorrectionStats, importance_weights
+from diva_lightning.core.difficulty import (
+    DIFFICULTY_STATISTICS,
+    DifficultyStats,
+    DifficultyTable,
+    update_difficulty,
+)
+from diva_lightning.core.filtering import Selection, SpreadFilter, select_units, spread_filter
+from diva_lightning.core.loss import RATIO_LEVELS, PolicyLossStats, aggregate, policy_loss, truncation_mask
 from diva_lightning.core.tiers import (
     IMAGE_OPS,
     TIERS,
@@ -26,12 +33,19 @@ from diva_lightning.core.tiers import (
 )
 
 __all__ = [
+    "DIFFICULTY_STATISTICS",
     "IMAGE_OPS",
+    "IS_LEVELS",
+    "IS_MODES",
+    "RATIO_LEVELS",
     "TIERS",
     "AdvantageTerms",
+    "CorrectionStats",
     "DifficultyStats",
     "DifficultyTable",
     "PolicyLossStats",
+    "Selection",
+    "SpreadFilter",
     "VariantSpec",
     "aggregate",
     "batch_zscore",
@@ -42,12 +56,16 @@ __all__ = [
     "group_zscore",
     "grpo_advantages",
     "hint_steps_for",
+    "importance_weights",
     "plan_variants",
     "policy_loss",
     "range_scale",
+    "select_units",
+    "spread_filter",
     "threshold_scale",
     "tier_codes",
     "tier_of",
     "tiers_of",
+    "truncation_mask",
     "update_difficulty",
 ]

@@ -27,6 +27,9 @@ from diva_lightning.core._checks import check_1d, check_choice, check_float, che
 
 Rule = Literal["linear", "binned"]
 RULES: tuple[str, ...] = ("linear", "binned")
+# What alpha is averaged from: "accuracy" (paper, default) or "reward" (the authors' code: the combined
+# 0.9 accuracy + 0.1 format reward, so an all-wrong well-formatted family scores 0.1, not 0).
+DIFFICULTY_STATISTICS: tuple[str, ...] = ("accuracy", "reward")
 
 # Official binned rule: upper bounds (inclusive) and the step for each bin; the last bin is (.7, 1].
 _BIN_UPPER = (0.05, 0.3, 0.5, 0.7)

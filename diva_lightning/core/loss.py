@@ -4,7 +4,30 @@ Per token t of response b, with ``ratio = exp(logp - old_logp)`` and advantage A
 
     pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
     pg = min(pg, -A * dual_clip)            for A < 0 (dual clip; ``dual_clip=None`` turns it off)
+    pg = w * pg                             with optional importance-sampling weights w (no gradient)
     loss = agg(pg) + kl_coef * agg(kl) - entropy_coef * agg(entropy)
+
+Importance ratio level (``ratio_level``):
+
+- ``"token"`` (PPO/GRPO): the ratio above, one per token.
+- ``"sequence"`` (GSPO, Zheng et al. 2025, arXiv 2507.18071; TRL ``importance_sampling_level="sequence"``,
+  verl ``loss_mode: gspo``): ``s_b = exp(mean_t(logp - old_logp))`` over the sequence's real tokens, used
+  at every token of the sequence in the GSPO-token form ``sg[s_b] * exp(logp_t - sg[logp_t])``: its
+  value is ``s_b`` and its gradient at token t is ``s_b * d logp_t``. With one advantage per sequence
+  (and any of the aggregations below, which weigh the tokens of one sequence equally) value and
+  gradient equal those of the sequence-level objective ``min(s_b A, clip(s_b) A)``. Deviations from
+  verl's ``compute_policy_loss_gspo``: the dual clip still applies (pass ``dual_clip=None`` for the
+  paper's loss) and the aggregation is the caller's choice (verl forces ``"seq_mean_token_mean"``).
+
+``is_weights`` (Tensor[B, T] or Tensor[B]) multiplies the per-token policy-gradient term after
+clipping, as TRL applies its vLLM importance-sampling ratio: use
+:func:`diva_lightning.core.correction.importance_weights` to correct the mismatch between the rollout
+engine and the trainer. Weights are detached; a weight of 0 silences a token but it still counts in
+the ``"token_mean"`` denominator (as in TRL).
+
+Truncated completions: :func:`truncation_mask` zeroes the mask rows of responses that hit the token
+budget (TRL ``mask_truncated_completions``); pass its result as ``mask`` (and count ``num_tokens`` from
+it). Under the sequence aggregations a zeroed row still counts in ``num_seqs`` (as in TRL).
 
 Aggregations (``agg``) over the mask:
 
@@ -12,8 +35,10 @@ Aggregations (``agg``) over the mask:
   whole optimizer mini-batch (all micro-batches, all ranks) and the micro-batch losses sum to the
   full-batch token mean, which makes gradient accumulation exact (DAPO / official default).
 - ``"seq_mean_token_mean"``: per-sequence token mean, then mean over sequences (original GRPO).
-- ``"seq_mean_token_sum_norm"``: per-sequence token sum / a constant ``max_len`` (default T), then mean
-  over sequences (Dr.GRPO).
+- ``"seq_mean_token_sum_norm"``: per-sequence token sum / a constant ``max_len``, then mean over
+  sequences (Dr.GRPO). Pass ``max_len = max_new_tokens`` (the generation budget): the default, T, is
+  the padded width of this batch, which varies per step and per rank and re-weights the loss by the
+  batch's longest completion.
 
 For the sequence aggregations ``num_seqs`` plays the role of ``num_tokens`` (defaults to B).
 
@@ -33,6 +58,7 @@ from diva_lightning.core._checks import check_choice
 
 AGGS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_TYPES: tuple[str, ...] = ("k1", "k3", "low_var_kl")
+RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
 _LOG_RATIO_CLAMP = 20.0
 
 
@@ -93,6 +119,25 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
 
 
+def truncation_mask(mask: Tensor, finished: Tensor) -> Tensor:
+    """Drop the responses that hit the token budget (TRL ``mask_truncated_completions``).
+
+    Args:
+        mask: Tensor[B, T] bool or 0/1 completion mask.
+        finished: Tensor[B] bool, True where the response ended by itself (EOS/stop) before the budget.
+
+    Returns:
+        Tensor[B, T] bool: ``mask`` with the rows of unfinished responses all False.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    if finished.shape != mask.shape[:1]:
+        raise ValueError(f"finished must be [B] = [{mask.shape[0]}], got shape {tuple(finished.shape)}")
+    if finished.dtype != torch.bool:
+        raise ValueError(f"finished must be a bool tensor, got dtype {finished.dtype}")
+    return mask.bool() & finished.unsqueeze(-1)
+
+
 def _check_inputs(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> None:
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
@@ -103,6 +148,40 @@ def _check_inputs(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tens
         raise ValueError(
             f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got shape {tuple(advantages.shape)}"
         )
+
+
+def _is_weights(is_weights: Tensor, m: Tensor, like: Tensor) -> Tensor:
+    """Validate importance-sampling weights ([B] or [B, T]) and return them detached as [B, T], 1 off-mask."""
+    if is_weights.shape not in (like.shape[:1], like.shape):
+        raise ValueError(
+            f"is_weights must be [B] or [B, T] = {tuple(like.shape)}, got shape {tuple(is_weights.shape)}"
+        )
+    w = is_weights.detach().to(like.dtype)
+    w = w.unsqueeze(-1).expand_as(like) if w.dim() == 1 else w
+    bad = m & ~(torch.isfinite(w) & (w >= 0))
+    if bool(bad.any()):
+        raise ValueError(
+            f"is_weights must be finite and >= 0 on masked-in tokens; {int(bad.sum())} bad, "
+            f"first at {bad.nonzero()[0].tolist()}"
+        )
+    return torch.where(m, w, torch.ones_like(w))
+
+
+def _log_ratio(logp: Tensor, old_logp: Tensor, m: Tensor, ratio_level: str) -> tuple[Tensor, Tensor]:
+    """Log importance ratio used by the loss and the per-token log-ratio, both Tensor[B, T], 0 off-mask.
+
+    ``"token"``: ``clamp(logp - old_logp)``. ``"sequence"`` (GSPO-token): value ``clamp(mean_t(logp -
+    old_logp))`` of the row at each of its tokens, gradient ``d logp_t`` (``logp - sg[logp]`` adds 0).
+    """
+    zeros = torch.zeros_like(logp)
+    token_lr = torch.where(m, logp - old_logp, zeros).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    if ratio_level == "token":
+        return token_lr, token_lr
+    n = m.sum(dim=-1).clamp(min=1).to(logp.dtype)  # [B]
+    seq_lr = (torch.where(m, logp - old_logp, zeros).sum(dim=-1) / n).detach()  # [B]
+    seq_lr = seq_lr.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    lp = torch.where(m, logp, zeros)  # finite everywhere, so lp - lp.detach() is exactly 0
+    return torch.where(m, seq_lr.unsqueeze(-1) + (lp - lp.detach()), zeros), token_lr
 
 
 def policy_loss(
@@ -123,6 +202,8 @@ def policy_loss(
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     max_len: float | None = None,
+    ratio_level: str = "token",
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """Clipped policy loss of one (micro-)batch (see module docstring).
 
@@ -130,18 +211,24 @@ def policy_loss(
         logp: Tensor[B, T] log-probs of the sampled tokens under the current policy (with grad).
         old_logp: Tensor[B, T] log-probs under the rollout policy (no grad needed).
         advantages: Tensor[B] (one per sequence) or Tensor[B, T].
-        mask: Tensor[B, T] bool or 0/1, True on completion tokens that count.
+        mask: Tensor[B, T] bool or 0/1, True on completion tokens that count (see :func:`truncation_mask`).
         ref_logp: Tensor[B, T] reference log-probs; with ``kl_coef`` adds the KL term.
         entropy: Tensor[B, T] per-token entropy; with ``entropy_coef`` adds the bonus.
         num_tokens: global token count for ``"token_mean"`` under grad accumulation / several ranks.
         num_seqs: global sequence count for the ``seq_mean_*`` aggregations.
-        max_len: the constant of ``"seq_mean_token_sum_norm"`` (default T).
+        max_len: the constant of ``"seq_mean_token_sum_norm"``: set it to ``max_new_tokens`` (default T,
+            the padded width of this batch, which is not constant across steps and ranks).
+        ratio_level: ``"token"`` (PPO/GRPO) or ``"sequence"`` (GSPO); one of ``RATIO_LEVELS``.
+        is_weights: Tensor[B, T] or Tensor[B] importance-sampling weights (>= 0, finite on the mask)
+            multiplying the clipped policy-gradient term; detached. None = all ones.
 
     Returns:
-        (scalar loss with grad, :class:`PolicyLossStats`).
+        (scalar loss with grad, :class:`PolicyLossStats`). Ratio statistics describe the ratio the loss
+        used (the sequence ratio at each token for ``"sequence"``); ``approx_kl`` is always per token.
     """
     _check_inputs(logp, old_logp, advantages, mask)
     check_choice("kl_type", kl_type, KL_TYPES)
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     for name, value in (("num_tokens", num_tokens), ("num_seqs", num_seqs), ("max_len", max_len)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -153,7 +240,7 @@ def policy_loss(
     adv = torch.where(m, adv, torch.zeros_like(adv))
     zeros = torch.zeros_like(logp)
 
-    log_ratio = torch.where(m, logp - old_logp, zeros).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    log_ratio, token_log_ratio = _log_ratio(logp, old_logp, m, ratio_level)
     ratio = torch.exp(log_ratio)  # [B, T]; exactly 1 at masked positions
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
@@ -163,6 +250,8 @@ def policy_loss(
         bound = -adv * dual_clip
         dual_active = m & (adv < 0) & (pg > bound)
         pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
+    if is_weights is not None:
+        pg = pg * _is_weights(is_weights, m, logp)
 
     kw = {"num_tokens": num_tokens, "num_seqs": num_seqs, "max_len": max_len}
     pg_loss = aggregate(pg, m, agg, **kw)
@@ -186,6 +275,7 @@ def policy_loss(
 
     with torch.no_grad():
         r = ratio.detach()
+        tok_lr = token_log_ratio.detach()
         stats = PolicyLossStats(
             pg_loss=pg_loss.detach(),
             clip_frac_low=_masked_mean(((r < 1.0 - clip_low) & (adv < 0)).to(r.dtype), m),
@@ -197,6 +287,6 @@ def policy_loss(
             else r.new_ones(()),
             kl=None if kl_value is None else kl_value.detach(),
             entropy=None if ent_value is None else ent_value.detach(),
-            approx_kl=_masked_mean((r - 1.0) - log_ratio.detach(), m),
+            approx_kl=_masked_mean(torch.exp(tok_lr) - 1.0 - tok_lr, m),
         )
     return loss, stats

@@ -28,6 +28,10 @@ from a step of 4 on); equal -> paraphrase (delta 0); below -> hint with the offi
 the step (<= -7: ``max_hint_steps``, <= -5: 3, <= -3: 2, else 1), ``delta = target - D``. Only the
 first hint of a family is kept; later ones are redrawn as a step in {0, 1, 2, 3} (as the official code).
 
+``allowed_ops`` restricts the image ops of both plans (official: rotation only for records whose
+image carries the question's text, ``text_in_image: true``); a two-op variant then draws its ops
+from the allowed ones, so with a single allowed op it applies that op alone.
+
 Rotation angles (official): intensity < 0.25 -> a multiple of 45 deg, < 0.45 -> of 30 deg, else of
 1 deg, uniformly among the multiples in [1, 359].
 """
@@ -142,11 +146,20 @@ def _rotation(intensity: float, generator: torch.Generator) -> float:
 
 
 def _image_spec(
-    tier: Tier, delta: float, intensity: float, n_ops: int, text_index: int | None, generator: torch.Generator
+    tier: Tier,
+    delta: float,
+    intensity: float,
+    n_ops: int,
+    text_index: int | None,
+    generator: torch.Generator,
+    allowed_ops: tuple[str, ...] = IMAGE_OPS,
 ) -> VariantSpec:
-    """An image variant with ``n_ops`` distinct ops drawn uniformly from ``IMAGE_OPS``."""
-    picks = torch.randperm(len(IMAGE_OPS), generator=generator)[:n_ops].tolist()
-    ops = tuple(IMAGE_OPS[i] for i in sorted(picks))
+    """An image variant with ``min(n_ops, len(allowed_ops))`` distinct ops drawn uniformly from ``allowed_ops``.
+
+    ``allowed_ops`` is in canonical ``IMAGE_OPS`` order, so the default draws exactly as before.
+    """
+    picks = torch.randperm(len(allowed_ops), generator=generator)[:n_ops].tolist()
+    ops = tuple(allowed_ops[i] for i in sorted(picks))
     rot = _rotation(intensity, generator) if "rotate" in ops else 0.0
     return VariantSpec("image", tier, delta, intensity, ops, rot, 0, text_index)
 
@@ -193,6 +206,7 @@ def _plan_tiers(
     text_prob: float,
     para: _Paraphrases,
     g: torch.Generator,
+    allowed_ops: tuple[str, ...],
 ) -> list[VariantSpec]:
     if tier == "medium":
         return [VariantSpec("paraphrase", tier, 0.0, paraphrase_index=para.next()) for _ in range(v)]
@@ -214,12 +228,18 @@ def _plan_tiers(
     out = []
     for _ in range(v):
         use_text = float(torch.rand((), generator=g)) < text_prob
-        out.append(_image_spec(tier, delta, intensity, n_ops, para.next() if use_text else None, g))
+        out.append(_image_spec(tier, delta, intensity, n_ops, para.next() if use_text else None, g, allowed_ops))
     return out
 
 
 def _plan_official(
-    d: float, v: int, tier: Tier, max_hint_steps: int, para: _Paraphrases, g: torch.Generator
+    d: float,
+    v: int,
+    tier: Tier,
+    max_hint_steps: int,
+    para: _Paraphrases,
+    g: torch.Generator,
+    allowed_ops: tuple[str, ...],
 ) -> list[VariantSpec]:
     d_int = min(9, max(1, math.floor(d + 0.5)))
     if v == 1:
@@ -238,7 +258,7 @@ def _plan_official(
         if step > 0:
             intensity = min(0.5, max(0.3, 0.25 + 0.05 * step))
             n_ops = 2 if step >= 4 else 1
-            out.append(_image_spec(tier, target - d, intensity, n_ops, None, g))
+            out.append(_image_spec(tier, target - d, intensity, n_ops, None, g, allowed_ops))
         elif step == 0:
             out.append(VariantSpec("paraphrase", tier, 0.0, paraphrase_index=para.next()))
         else:
@@ -262,10 +282,18 @@ def plan_variants(
     max_hint_steps: int = 3,
     intensity_range: tuple[float, float] = (0.2, 0.6),
     text_prob: float = 0.5,
+    allowed_ops: tuple[str, ...] | None = None,
 ) -> list[VariantSpec]:
     """Plan ``num_variants`` variants for a question of difficulty ``difficulty`` (see module docs).
 
     Deterministic given the state of ``generator`` (all randomness is drawn from it).
+
+    Args:
+        allowed_ops: restrict image variants to these ops (a non-empty subset of ``IMAGE_OPS``), e.g.
+            ``("rotate",)`` for a record with ``text_in_image: true`` (official: rotation only, since
+            noise or blur can make printed text unreadable). A variant that would combine two ops uses
+            as many distinct allowed ops as there are, so with one allowed op it has that op alone.
+            None = all of ``IMAGE_OPS`` (and the same draws as before this option existed).
 
     Returns:
         list of ``num_variants`` :class:`VariantSpec` (the original prompt is not included).
@@ -281,12 +309,20 @@ def plan_variants(
     lo, hi = intensity_range
     if not 0.0 <= lo <= hi <= 1.0 or hi == 0.0:
         raise ValueError(f"intensity_range must satisfy 0 <= lo <= hi <= 1, hi > 0; got {intensity_range}")
+    ops = IMAGE_OPS
+    if allowed_ops is not None:
+        unknown = [op for op in allowed_ops if op not in IMAGE_OPS]
+        if unknown or not allowed_ops:
+            raise ValueError(
+                f"allowed_ops must be a non-empty subset of {list(IMAGE_OPS)}; got {list(allowed_ops)}"
+            )
+        ops = tuple(op for op in IMAGE_OPS if op in allowed_ops)  # canonical order, no repeats
     if num_variants == 0:
         return []
     tier = tier_of(difficulty, d_mid=d_mid, band=band)
     para = _Paraphrases(num_paraphrases, generator)
     if plan == "official":
-        return _plan_official(difficulty, num_variants, tier, max_hint_steps, para, generator)
+        return _plan_official(difficulty, num_variants, tier, max_hint_steps, para, generator, ops)
     return _plan_tiers(
         difficulty,
         num_variants,
@@ -299,4 +335,5 @@ def plan_variants(
         text_prob,
         para,
         generator,
+        ops,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -170,3 +172,62 @@ def test_plan_rejects_bad_arguments() -> None:
         plan_variants(5.0, 1, plan="random", generator=gen())
     with pytest.raises(ValueError, match="num_variants"):
         plan_variants(5.0, -1, generator=gen())
+
+
+# ---- allowed_ops (records with text in the image: rotation only) -----------------------------------------
+
+
+def test_allowed_ops_rotation_only_hand_worked() -> None:
+    # tiers plan, D=1: intensity 0.6 >= 0.45 would combine two ops; with rotation only it rotates alone,
+    # by an integer degree (intensity >= 0.45)
+    (e1,) = plan_variants(1.0, 1, generator=gen(), allowed_ops=("rotate",))
+    assert e1.image_ops == ("rotate",) and 1 <= e1.rotation_deg <= 359
+    assert e1.intensity == pytest.approx(0.6) and e1.delta == pytest.approx(4.0)  # unchanged by the option
+    # official plan, D=1, V=1: target 9, step 8 >= 4 -> two ops by default, rotation alone here
+    (o1,) = plan_variants(1.0, 1, plan="official", generator=gen(), allowed_ops=("rotate",))
+    assert o1.kind == "image" and o1.image_ops == ("rotate",) and o1.delta == 8.0
+    # two allowed ops and a two-op variant: both, in canonical order whatever order they were given in
+    (both,) = plan_variants(1.0, 1, generator=gen(), allowed_ops=("blur", "rotate"))
+    assert both.image_ops == ("rotate", "blur")
+    # non-image tiers are untouched
+    assert plan_variants(9.0, 2, generator=gen(), allowed_ops=("rotate",)) == plan_variants(9.0, 2, generator=gen())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    d=st.floats(1.0, 9.0, allow_nan=False),
+    v=st.integers(0, 4),
+    plan=st.sampled_from(["tiers", "official"]),
+    seed=st.integers(0, 2**31 - 1),
+    allowed=st.lists(st.sampled_from(IMAGE_OPS), min_size=1, max_size=5, unique=True),
+)
+def test_allowed_ops_properties(d: float, v: int, plan: str, seed: int, allowed: list[str]) -> None:
+    specs = plan_variants(d, v, plan=plan, generator=gen(seed), allowed_ops=tuple(allowed))
+    d_int = math.floor(d + 0.5)
+    for s in specs:
+        assert set(s.image_ops) <= set(allowed)
+        if s.kind == "image":
+            # two ops from intensity 0.45 on (tiers) or from a target step of 4 on (official)
+            two = s.intensity >= 0.45 if plan == "tiers" else round(d + s.delta) - d_int >= 4
+            assert len(s.image_ops) == min(2 if two else 1, len(allowed))
+            assert (s.rotation_deg != 0.0) == ("rotate" in s.image_ops)
+    if plan == "tiers":  # the option changes the ops, not the tiers' kinds
+        assert [s.kind for s in specs] == [s.kind for s in plan_variants(d, v, generator=gen(seed))]
+    # all ops allowed is the default, draw for draw
+    default = plan_variants(d, v, plan=plan, generator=gen(seed))
+    assert plan_variants(d, v, plan=plan, generator=gen(seed), allowed_ops=IMAGE_OPS) == default
+
+
+def test_allowed_ops_draws_uniformly() -> None:
+    # one-op variants (D=3: intensity 0.43 < 0.45) with two allowed ops: each about half of the time
+    g = gen(7)
+    ops = [plan_variants(3.0, 1, generator=g, allowed_ops=("noise", "blur"))[0].image_ops for _ in range(400)]
+    assert set(ops) == {("noise",), ("blur",)}
+    assert abs(ops.count(("noise",)) / 400 - 0.5) < 0.08  # binomial sd 0.025
+
+
+def test_allowed_ops_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="non-empty subset"):
+        plan_variants(1.0, 1, generator=gen(), allowed_ops=())
+    with pytest.raises(ValueError, match="non-empty subset"):
+        plan_variants(1.0, 1, generator=gen(), allowed_ops=("shear",))
