@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,11 @@ from typing_extensions import override
 
 from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.core.seeding import stable_seed
-from diva_lightning.core.tiers import plan_variants, tier_of
+from diva_lightning.core.tiers import IMAGE_OPS
 from diva_lightning.data.batch import KIND_CODES, TIER_CODES, FamilyBatch, QuestionBatch
-from diva_lightning.data.perturb import PerturbParams, params_for, perturb_images
+from diva_lightning.data.perturb import PerturbParams, perturb_images
+from diva_lightning.data.planner import PlanSettings, plan_families
 from diva_lightning.data.schema import QuestionRecord, decode_image, load_records
-from diva_lightning.data.variants import render_variant
 from diva_lightning.data.world import generate_world
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ class DivaDataModule(pl.LightningDataModule):
         plan: "tiers" (paper's three-tier plan) or "official" (the authors' target tables).
         band: half-width of the medium tier around d_mid.
         d_mid / d_min / d_max: the difficulty scale (design.md section 3).
+        intensity_range: (low, high) image-perturbation intensity of easy questions' variants (``plan: tiers``).
+        image_ops: image ops the planner may use (records with ``text_in_image: true`` get rotation only).
         num_generations: G, responses per prompt (linked from the model; used to report the rollout budget).
         val_batch_size: questions per validation batch.
         seed: seed of the question order and the variant plans (linked from `seed_everything`).
@@ -135,21 +137,22 @@ class DivaDataModule(pl.LightningDataModule):
         d_mid: float = 5.0,
         d_min: float = 1.0,
         d_max: float = 9.0,
+        intensity_range: tuple[float, float] = (0.2, 0.6),
+        image_ops: list[str] | None = None,
         num_generations: int = 5,
         val_batch_size: int = 32,
         seed: int = 0,
         on_error: str = "raise",
     ) -> None:
         super().__init__()
-        problems = []
+        self.plan_settings = PlanSettings(
+            num_variants=num_variants, plan=plan, band=band, d_mid=d_mid, d_min=d_min, d_max=d_max,
+            intensity_range=(float(intensity_range[0]), float(intensity_range[1])),
+            image_ops=tuple(image_ops) if image_ops is not None else IMAGE_OPS,
+        )
+        problems = self.plan_settings.check()
         if questions_per_step < 1:
             problems.append(f"questions_per_step must be >= 1, got {questions_per_step}")
-        if num_variants < 0:
-            problems.append(f"num_variants must be >= 0, got {num_variants}")
-        if plan not in ("tiers", "official"):
-            problems.append(f"plan must be 'tiers' or 'official', got {plan!r}")
-        if not d_min < d_mid < d_max:
-            problems.append(f"need d_min < d_mid < d_max, got {d_min}, {d_mid}, {d_max}")
         if on_error not in ("raise", "skip"):
             problems.append(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if problems:
@@ -171,6 +174,7 @@ class DivaDataModule(pl.LightningDataModule):
         self.test_records: list[QuestionRecord] = []
         self.images = _ImageCache(None)
         self.fallbacks = 0  # variants that could not be built as planned (e.g. no paraphrases): counted, logged
+        self._warned_fallback: set[str] = set()  # questions whose fallback was already warned about
 
     # ----------------------------------------------------------------------------------------------- loading
     def _load(self, source: str | None, split: str, size: int) -> list[QuestionRecord]:
@@ -257,77 +261,54 @@ class DivaDataModule(pl.LightningDataModule):
         return self.difficulty_table
 
     def build_families(self, qb: QuestionBatch, num_variants: int) -> FamilyBatch:
-        """Plan V variants per question from the current difficulties and apply the host-side text edits."""
+        """Plan V variants per question from the current difficulties (`data.planner`) and pack the rows."""
         difficulties = self._table().lookup([r.id for r in qb.records]).tolist()
         g = torch.Generator().manual_seed(stable_seed("plan", self.seed, qb.position, self._rank))
-        problems: list[str] = []
-        answers: list[str] = []
-        qids: list[str] = []
-        fam: list[int] = []
-        orig: list[bool] = []
-        label: list[float] = []
-        qdiff: list[float] = []
-        tiers: list[int] = []
-        kinds: list[int] = []
-        levels: list[int] = []
+        settings = self.plan_settings if num_variants == self.num_variants else replace(
+            self.plan_settings, num_variants=num_variants)
+
+        def image_size(b: int) -> tuple[int, int] | None:
+            return tuple(qb.images[b][0].shape[-2:]) if qb.images[b] else None  # type: ignore[return-value]
+
+        rows = plan_families(
+            qb.records, difficulties, settings, generator=g, image_size=image_size,
+            noise_key=lambda rec, row: stable_seed("perturb", self.seed, qb.position, rec.id, row),
+        )
+        fallbacks: dict[str, int] = {}
+        for row in rows:
+            kind = row.fallback_kind
+            if kind is None:
+                continue
+            fallbacks[kind] = fallbacks.get(kind, 0) + 1
+            self.fallbacks += 1
+            if row.record.id not in self._warned_fallback:
+                self._warned_fallback.add(row.record.id)
+                log.warning("question %r: planned %s variant cannot be built (%s); using the original prompt "
+                            "with delta 0 (warned once per question; counted as data/variant_fallbacks)",
+                            row.record.id, kind, row.fallback.split(": ", 1)[1])  # type: ignore[union-attr]
         images: list[Tensor] = []
         owner: list[int] = []
         perturb: list[dict[str, float]] = []
-
-        def add(rec: QuestionRecord, b: int, d: float, text: str, kind: str, delta: float,
-                img_params: dict[str, float] | None) -> None:
-            p = len(problems)
-            problems.append(text)
-            answers.append(rec.answer)
-            qids.append(rec.id)
-            fam.append(b)
-            orig.append(kind == "original")
-            label.append(min(max(d + delta, self.d_min), self.d_max))
-            qdiff.append(d)
-            tiers.append(TIER_CODES[tier_of(d, d_mid=self.d_mid, band=self.band)])
-            kinds.append(KIND_CODES[kind])
-            levels.append(int(rec.meta.get("level", -1)) if isinstance(rec.meta, dict) else -1)
-            for img in qb.images[b]:
+        for p, row in enumerate(rows):
+            for img in qb.images[row.family]:
                 images.append(img)
                 owner.append(p)
-                perturb.append(img_params or {})
-
-        for b, (rec, d) in enumerate(zip(qb.records, difficulties)):
-            add(rec, b, d, rec.problem, "original", 0.0, None)
-            if num_variants == 0:
-                continue
-            specs = plan_variants(
-                d, num_variants, plan=self.plan, d_mid=self.d_mid, band=self.band, d_min=self.d_min,
-                d_max=self.d_max, num_paraphrases=max(len(rec.variants), 1), generator=g,
-            )
-            for spec in specs:
-                rendered = render_variant(rec, spec)
-                text = rendered.prompt
-                if rendered.fallback:
-                    self.fallbacks += 1
-                img_params = None
-                if spec.kind == "image" and qb.images[b]:
-                    h, w = qb.images[b][0].shape[-2:]
-                    img_params = params_for(spec, image_size=(int(h), int(w)))
-                    # per-image noise key: the perturbation never depends on batching or sharding
-                    img_params["seed"] = stable_seed("perturb", self.seed, qb.position, rec.id, len(problems))
-                add(rec, b, d, text, spec.kind, float(spec.delta), img_params)
-
+                perturb.append(row.perturb or {})
         return FamilyBatch(
-            problems=problems,
-            answers=answers,
-            question_ids=qids,
-            family_index=torch.tensor(fam, dtype=torch.long),
-            is_original=torch.tensor(orig, dtype=torch.bool),
-            difficulty=torch.tensor(label, dtype=torch.float32),
-            question_difficulty=torch.tensor(qdiff, dtype=torch.float32),
-            tier=torch.tensor(tiers, dtype=torch.long),
-            kind=torch.tensor(kinds, dtype=torch.long),
-            level=torch.tensor(levels, dtype=torch.long),
+            problems=[row.text for row in rows],
+            answers=[row.record.answer for row in rows],
+            question_ids=[row.record.id for row in rows],
+            family_index=torch.tensor([row.family for row in rows], dtype=torch.long),
+            is_original=torch.tensor([row.kind == "original" and row.fallback is None for row in rows]),
+            difficulty=torch.tensor([row.label for row in rows], dtype=torch.float32),
+            question_difficulty=torch.tensor([row.question_difficulty for row in rows], dtype=torch.float32),
+            tier=torch.tensor([TIER_CODES[row.tier] for row in rows], dtype=torch.long),
+            kind=torch.tensor([KIND_CODES[row.kind] for row in rows], dtype=torch.long),
+            level=torch.tensor([_level(row.record) for row in rows], dtype=torch.long),
             images=images,
             image_owner=torch.tensor(owner, dtype=torch.long),
             perturb=PerturbParams.from_list(perturb),
-            meta={"position": qb.position, "fallbacks": self.fallbacks},
+            meta={"position": qb.position, "fallbacks": fallbacks},
         )
 
     # --------------------------------------------------------------------------------------------- hooks
@@ -355,6 +336,12 @@ class DivaDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.position = int(state_dict.get("position", 0))
         self.fallbacks = int(state_dict.get("fallbacks", 0))
+
+
+def _level(record: QuestionRecord) -> int:
+    """The record's intrinsic level for per-level metrics (-1 when it has none; the loader validates it)."""
+    level = record.meta.get("level", -1)
+    return level if isinstance(level, int) and not isinstance(level, bool) else -1
 
 
 def apply_perturbations(images: Sequence[Tensor], params: PerturbParams) -> list[Tensor]:

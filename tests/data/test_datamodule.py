@@ -90,5 +90,7 @@ def test_stream_covers_each_pass_once_and_resumes_from_position() -> None:
 def test_bad_arguments_are_reported_together() -> None:
     import pytest
 
-    with pytest.raises(ValueError, match="questions_per_step.*num_variants.*plan"):
-        DivaDataModule(questions_per_step=0, num_variants=-1, plan="random")
+    with pytest.raises(ValueError) as err:
+        DivaDataModule(questions_per_step=0, num_variants=-1, plan="random", image_ops=["swirl"])
+    for name in ("questions_per_step", "num_variants", "plan must be one of tiers, official", "image_ops"):
+        assert name in str(err.value)
