@@ -73,8 +73,8 @@ def format_table(metrics: Mapping[str, float]) -> str:
 def _parser() -> argparse.ArgumentParser:
     from diva_lightning.benchmarks import BENCHMARKS
 
-    p = argparse.ArgumentParser(prog="python -m diva_lightning score", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m diva_lightning score",
+                                description="Grade saved responses on a benchmark's native file, without a model.")
     p.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), help="which benchmark's rules")
     p.add_argument("--data", required=True, type=Path, help="the benchmark's native file (.json/.jsonl/.parquet)")
     p.add_argument("--responses", required=True, type=Path, help='JSONL of {"id": ..., "response": ...}')

@@ -20,8 +20,8 @@ counts; ``accuracy`` is the plain mean over rows.
 Deviations: the official script reads the letter after the word "Answer"; we read the last box (no box
 scores 0). It divides by a fixed N = 525; we use the number of composite problems in the file (525 for the full
 testmini). With several samples per row (mean@k), each row's mean p is its chance of being right and the
-counts are expectations with rows independent (all right = prod p_i, ...); with one sample this is exactly
-the official count.
+counts are expectations with rows independent (all right = prod p_i, ...) and the RM ratios are ratios of
+those expected counts; with one sample this is exactly the official count.
 """
 
 from __future__ import annotations
