@@ -133,4 +133,9 @@ def main(argv: list[str] | None = None) -> None:
 
         warmup_main(argv[1:])
         return
+    if argv and argv[0] == "score":
+        from diva_lightning.benchmarks.score import score_main
+
+        score_main(argv[1:])
+        return
     run_cli(argv)
