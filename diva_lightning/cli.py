@@ -66,12 +66,13 @@ class DivaCLI(LightningCLI):
         parser.link_arguments("model.init_args.num_generations", "data.init_args.num_generations")
 
     def _bootstrap(self) -> None:
+        """Build the embedded base policy when it is the configured one and is missing. Any other policy path is
+        never built: a missing one is an error from `load_policy` naming the path (issue 11: pointing `policy`
+        at an absent Qwen2.5-VL-7B folder used to build the 0.7M-parameter toy model into it)."""
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         model = self.model
-        if isinstance(model, DivaGRPOModule) and cfg.get("build_base_policy", True):
-            path = Path(model.policy_path)
-            if not path.exists() and not _looks_like_hub_id(model.policy_path):
-                ensure_base_policy(model.policy_path, cfg.get("base_policy_recipe", WARMUP_RECIPE))
+        if isinstance(model, DivaGRPOModule) and model.is_embedded and cfg.get("build_base_policy", True):
+            ensure_base_policy(model.policy_path, cfg.get("base_policy_recipe", WARMUP_RECIPE))
 
     def before_fit(self) -> None:
         self._bootstrap()
@@ -84,10 +85,14 @@ class DivaCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer, model = self.trainer, self.model
+        log_dir = Path(trainer.log_dir or ".")
+        policy_dir = None
+        if isinstance(model, DivaGRPOModule) and model.bundle is not None:
+            # every rank takes part: under FSDP the full weights are gathered from the shards
+            policy_dir = model.export_policy(log_dir / "policy")
         if trainer.global_rank != 0:
             return
         lines = ["", "[diva-lightning] run finished"]
-        log_dir = Path(trainer.log_dir or ".")
         for logger in trainer.loggers:
             metrics_file = Path(getattr(logger, "log_dir", "") or "") / "metrics.csv"
             if metrics_file.exists():
@@ -97,20 +102,12 @@ class DivaCLI(LightningCLI):
             last = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
             if last:
                 lines.append(f"  checkpoint: {last}")
-        if isinstance(model, DivaGRPOModule) and model.bundle is not None:
-            policy_dir = model.save_policy(log_dir / "policy")
+        if policy_dir is not None:
             lines.append(f"  policy:     {policy_dir}  (save_pretrained layout)")
         config_file = log_dir / "config.yaml"
         if config_file.exists():
             lines.append(f"  config:     {config_file}")
         print("\n".join(lines), flush=True)
-
-
-def _looks_like_hub_id(policy: str) -> bool:
-    """'org/name' with no local meaning: handed to `load_policy`, which may download when the user allows."""
-    parts = policy.split("/")
-    return (len(parts) == 2 and all(parts) and not policy.startswith((".", "/", "~"))
-            and parts[0] not in ("artifacts", "runs", "checkpoints"))
 
 
 def run_cli(args: list[str] | None = None, **kwargs: Any) -> DivaCLI:

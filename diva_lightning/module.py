@@ -1,17 +1,25 @@
 """`DivaGRPOModule`: the training system (rollout -> rewards -> advantages -> clipped policy update).
 
 The policy, the rollout engine, the reward and the advantage estimator are injected components; this class only
-orchestrates them. The math lives in `diva_lightning.core` and is never re-derived here.
+orchestrates them. The math lives in `diva_lightning.core`, the update loop in `diva_lightning.training.ppo`.
 
 One `training_step` is one DIVA round (design.md section 2):
 1. encode the batch's prompts (original + variants; images already perturbed on the device),
 2. sample G responses per prompt (`rollout`),
 3. grade them (`reward`: shaped reward and its accuracy/format parts),
 4. advantages from the estimator (DIVA: local + global, batch z-score, difficulty weight, RRB),
-5. `ppo_epochs` passes over shuffled mini-batches of `mini_batch_size` responses, one optimizer step each,
-   gradient accumulated over micro-batches of `micro_batch_size`; `token_mean` is exact across micro-batches
-   and ranks (the global token count is passed to the loss),
+5. the PPO update (`training.ppo.PPOUpdate`): epochs over mini-batches, one optimizer step each, after which
+   the rollout engine is told (weight sync),
 6. return per-response outputs; `DifficultyCallback` and `AdvantageMonitor` consume them.
+
+Staying on-policy (issue 11): old log-probs equal the current ones only when the engine samples from the trained
+module itself and the round is a single optimizer step; otherwise the trainer re-scores them before the first
+update. When the engine returns its own sampling log-probs, `rollout_correction` weighs each token by the
+trainer/engine ratio (truncated or masked importance sampling) and logs the mismatch under `rollout_correction/`.
+
+Sharding (issue 10): under Lightning's `ModelParallelStrategy` (`experiments/fsdp.yaml`), `configure_model` shards
+the policy with FSDP2 (`training.sharding`); checkpoints are distributed; `export_policy` gathers the full weights
+on every rank and rank 0 writes a `save_pretrained` folder.
 
 Deviation from the official code, on purpose: the rollout of step s is sampled under an RNG seeded by
 (seed, s, rank) inside `torch.random.fork_rng`, so a resumed run samples exactly what an uninterrupted run would.
@@ -20,8 +28,8 @@ Deviation from the official code, on purpose: the rollout of step s is sampled u
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,84 +40,62 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from diva_lightning.algorithms import AdvantageEstimator, DivaAdvantage
-from diva_lightning.core.loss import policy_loss
+from diva_lightning.core.correction import importance_weights
+from diva_lightning.core.loss import truncation_mask
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch
 from diva_lightning.models.logprobs import completion_logprobs
+from diva_lightning.models.lora import apply_lora, is_lora, lora_scale, merge_lora_state_dict
 from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.models.prompt import PromptConfig
 from diva_lightning.rewards import CombinedReward
 from diva_lightning.rollout.base import RolloutEngine
 from diva_lightning.rollout.hf import HFGenerateEngine
+from diva_lightning.training import sharding
+from diva_lightning.training.config import CorrectionConfig, LossConfig, PolicyConfig, SamplingConfig
+from diva_lightning.training.ppo import PPOUpdate, UpdateBatch
+from diva_lightning.training.precision import MasterWeightAdamW, check_precision, needs_master_weights
 
 log = logging.getLogger(__name__)
 
 MAX_LEVEL = 10  # per-level validation metrics are kept for intrinsic levels 1..MAX_LEVEL
+# The authors' image budget (official-diva.md): a real Qwen2.5-VL processor would allow 12.8 MP per image.
+AUTHORS_PIXELS = (262_144, 1_048_576)
+EMBEDDED_POLICIES = ("artifacts/base_policy",)  # config values naming the embedded base policy
 
-
-@dataclass
-class LossConfig:
-    """Policy-loss settings (design.md section 6)."""
-
-    clip_low: float = 0.2
-    """Lower PPO clip (ratio >= 1 - clip_low)."""
-    clip_high: float = 0.3
-    """Upper PPO clip (ratio <= 1 + clip_high); official 0.3."""
-    dual_clip: float | None = 3.0
-    """Dual-clip constant c for negative advantages; null turns it off."""
-    agg: str = "token_mean"
-    """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm."""
-    kl_coef: float = 0.0
-    """Weight of the KL to the frozen reference policy (0 = no reference model is loaded)."""
-    kl_type: str = "k3"
-    """k1 | k3 (low_var_kl)."""
-    entropy_coef: float = 0.0
-    """Entropy bonus weight."""
-
-
-@dataclass
-class SamplingConfig:
-    """Decoding settings for rollouts or evaluation."""
-
-    temperature: float = 1.0
-    """Sampling temperature; 0 means greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
-    max_new_tokens: int = 64
-    """Maximum response length in tokens."""
-    num_samples: int = 1
-    """Evaluation only: responses per question, accuracy averaged over them (mean@k; needs temperature > 0 when
-    above 1). Rollouts use ``num_generations`` instead, so ``train_sampling`` must leave it at 1."""
-
-
+__all__ = ["CorrectionConfig", "DivaGRPOModule", "LossConfig", "PolicyConfig", "SamplingConfig"]
 
 
 class DivaGRPOModule(pl.LightningModule):
     """GRPO-family RL for vision-language policies, with DIVA as the default estimator.
 
     Args:
-        policy: a local checkpoint directory (the tiny embedded policy or e.g. a Qwen2.5-VL-7B copy) or a hub id.
+        policy: a local checkpoint directory (the embedded policy or e.g. a Qwen2.5-VL-7B copy) or a hub id.
         prompt: the format instruction appended to every problem and variant, and the system turn.
+        policy_config: weights dtype, attention, gradient checkpointing, frozen vision tower, LoRA, pixel budget,
+            prompt-length policy (the real-model scale knobs).
         advantage: the estimator component (`DivaAdvantage` or `GRPOAdvantage`, by class_path).
         reward: the reward component (shaped reward with accuracy and format parts).
         rollout: the generation engine (`HFGenerateEngine`, or `VLLMEngine` on a CUDA machine).
         num_generations: G, responses per prompt.
         train_sampling: rollout decoding (paper: temperature 1.0).
         val_sampling: evaluation decoding (paper: temperature 0.6, top_p 0.95; 0 = greedy).
-        loss: clipping, aggregation, KL and entropy settings.
+        loss: clipping, aggregation, ratio level (GSPO), truncation masking, KL and entropy settings.
+        rollout_correction: importance-sampling correction of engine/trainer mismatch (needs an engine that
+            returns its sampling log-probs); null turns it off.
         ppo_epochs: passes over each round's responses.
         mini_batch_size: responses per optimizer step (None: all responses of the round, one step per epoch).
         micro_batch_size: responses per forward/backward (memory knob; None: the whole mini-batch).
         lr / weight_decay / betas: AdamW (paper: lr 1e-6, constant schedule).
-        grad_clip: max gradient norm (paper: 1.0; 0 disables).
+        grad_clip: max gradient norm (paper: 1.0; 0 disables); correct on sharded parameters.
         seed: seeds the per-step rollout RNG (linked from `seed_everything`).
-        dtype: policy weights dtype ("float32" or "bfloat16").
     """
 
     def __init__(
         self,
         policy: str = "artifacts/base_policy",
         prompt: PromptConfig | None = None,
+        policy_config: PolicyConfig | None = None,
         advantage: AdvantageEstimator | None = None,
         reward: CombinedReward | None = None,
         rollout: RolloutEngine | None = None,
@@ -117,6 +103,7 @@ class DivaGRPOModule(pl.LightningModule):
         train_sampling: SamplingConfig | None = None,
         val_sampling: SamplingConfig | None = None,
         loss: LossConfig | None = None,
+        rollout_correction: CorrectionConfig | None = None,
         ppo_epochs: int = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
@@ -125,44 +112,46 @@ class DivaGRPOModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         grad_clip: float = 1.0,
         seed: int = 0,
-        dtype: str = "float32",
     ) -> None:
         super().__init__()
-        problems = []
+        self.policy_path = policy
+        self.prompt = prompt or PromptConfig()
+        self.policy_cfg = policy_config or PolicyConfig()
+        self.train_sampling = train_sampling or SamplingConfig()
+        self.val_sampling = val_sampling or SamplingConfig(temperature=0.0, top_p=1.0)
+        self.loss_cfg = loss or LossConfig()
+        self.correction = rollout_correction
+        problems = self.prompt.check() + self.policy_cfg.check() + self.loss_cfg.check()
+        problems += self.train_sampling.check("train_sampling") + self.val_sampling.check("val_sampling")
+        if self.correction is not None:
+            problems += self.correction.check()
         if num_generations < 1:
             problems.append(f"num_generations must be >= 1, got {num_generations}")
-        if ppo_epochs < 1:
-            problems.append(f"ppo_epochs must be >= 1, got {ppo_epochs}")
-        for name, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
-            if value is not None and value < 1:
-                problems.append(f"{name} must be >= 1 or null, got {value}")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        if train_sampling is not None and train_sampling.num_samples != 1:
+        if self.train_sampling.num_samples != 1:
             problems.append("train_sampling.num_samples must stay 1 (rollouts draw num_generations per prompt)")
-        if val_sampling is not None and val_sampling.num_samples < 1:
-            problems.append(f"val_sampling.num_samples must be >= 1, got {val_sampling.num_samples}")
-        elif val_sampling is not None and val_sampling.num_samples > 1 and val_sampling.temperature <= 0:
-            problems.append("val_sampling.num_samples > 1 needs temperature > 0 (greedy answers are all the same)")
+        if self.train_sampling.temperature <= 0:
+            problems.append("train_sampling.temperature must be > 0: rollouts sample")
+        if lr <= 0 or grad_clip < 0:
+            problems.append(f"lr must be > 0 and grad_clip >= 0, got {lr}, {grad_clip}")
+        try:
+            self.update = PPOUpdate(self.loss_cfg, epochs=ppo_epochs, mini_batch_size=mini_batch_size,
+                                    micro_batch_size=micro_batch_size, max_len=self.train_sampling.max_new_tokens)
+        except ValueError as err:
+            problems.extend(p for p in str(err).split("; ") if p not in problems)
         if problems:
             raise ValueError("DivaGRPOModule: " + "; ".join(problems))
         self.automatic_optimization = False
-        self.policy_path = policy
-        self.prompt = prompt or PromptConfig()
         self.advantage = advantage if advantage is not None else DivaAdvantage()
         self.reward = reward if reward is not None else CombinedReward()
         self.engine: RolloutEngine = rollout if rollout is not None else HFGenerateEngine()
         self.num_generations = num_generations
-        self.train_sampling = train_sampling or SamplingConfig()
-        self.val_sampling = val_sampling or SamplingConfig(temperature=0.0, top_p=1.0)
-        self.loss_cfg = loss or LossConfig()
-        self.ppo_epochs, self.mini_batch_size, self.micro_batch_size = ppo_epochs, mini_batch_size, micro_batch_size
         self.lr, self.weight_decay, self.betas, self.grad_clip = lr, weight_decay, tuple(betas), grad_clip
-        self.seed, self.dtype_name = seed, dtype
+        self.seed = seed
         self.bundle: PolicyBundle | None = None
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.difficulty_table: Any = None  # attached by DifficultyCallback when present
+        self._generation_ready = False
         self.val_accuracy = MeanMetric()
         self.val_format = MeanMetric()
         self.val_level = torch.nn.ModuleList([MeanMetric() for _ in range(MAX_LEVEL)])
@@ -170,31 +159,127 @@ class DivaGRPOModule(pl.LightningModule):
         # Components are recorded by the CLI's config.yaml (class_path + init_args), not as hparams.
         self.save_hyperparameters(ignore=["advantage", "reward", "rollout"])
 
+    # ------------------------------------------------------------------------------------------------ setup
+    @property
+    def is_embedded(self) -> bool:
+        return self.policy_path in EMBEDDED_POLICIES
+
+    def pixel_budget(self) -> tuple[int | None, int | None]:
+        """(min, max) pixels per image: configured, else the authors' for a real model, the checkpoint's for the
+        embedded policy."""
+        cfg = self.policy_cfg
+        auto = (None, None) if self.is_embedded else AUTHORS_PIXELS
+        return (cfg.min_pixels if cfg.min_pixels is not None else auto[0],
+                cfg.max_pixels if cfg.max_pixels is not None else auto[1])
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the strategy applies FSDP2 in `configure_model` (Lightning's ModelParallelStrategy)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Start-up checks that need the Trainer (strategy, precision): all problems in one message."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        problems = []
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            problems.append("trainer.strategy fsdp (FSDP1) is not supported: shard with FSDP2 by stacking "
+                            "--config experiments/fsdp.yaml (Lightning's ModelParallelStrategy)")
+        precision = str(self.trainer.precision)
+        problems += check_precision(self.policy_cfg.dtype, precision, sharded=self.sharded)
+        if problems:
+            raise ValueError("DivaGRPOModule: " + "; ".join(problems))
+
     # ------------------------------------------------------------------------------------------------ model
+    def _load(self) -> PolicyBundle:
+        lo, hi = self.pixel_budget()
+        return load_policy(self.policy_path, dtype=self.policy_cfg.dtype, prompt=self.prompt,
+                           attn_implementation=self.policy_cfg.attn_implementation, min_pixels=lo, max_pixels=hi)
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        """The FSDP2 all-gather dtype: bf16 under bf16-mixed precision, else the stored dtype."""
+        return torch.bfloat16 if str(self.trainer.precision) == "bf16-mixed" else None
+
     @override
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        dtype = getattr(torch, self.dtype_name)
-        self.bundle = load_policy(self.policy_path, dtype=dtype, prompt=self.prompt)
+        cfg = self.policy_cfg
+        self.bundle = bundle = self._load()
+        model = bundle.model
+        if cfg.freeze_vision_tower:
+            for tower in sharding.vision_towers(model):
+                tower.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if cfg.lora is not None:
+            lora = cfg.lora
+            model = apply_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                               target_modules=lora.target_modules, include_vision=lora.include_vision)
+            bundle.model = model
+        if self.sharded:
+            self._check_mesh()
+            sharding.shard_policy(model, self.device_mesh["data_parallel"], param_dtype=self._compute_dtype())
         # load_policy returns an eval-mode model; the system trains it (the engine and Lightning's validation
         # loop switch to eval and back where needed).
-        self.policy = self.bundle.model.train()
-        if self.loss_cfg.kl_coef > 0:
-            ref = load_policy(self.policy_path, dtype=dtype).model
-            ref.requires_grad_(False).eval()
+        self.policy = model.train()
+        if self.loss_cfg.kl_coef > 0 and cfg.lora is None:
+            ref = self._load().model.requires_grad_(False).eval()
+            if self.sharded:
+                sharding.shard_policy(ref, self.device_mesh["data_parallel"], param_dtype=self._compute_dtype())
             object.__setattr__(self, "reference", ref)  # not a registered submodule: never trained or saved
+
+    def _check_mesh(self) -> None:
+        mesh = self.device_mesh
+        dp = mesh["data_parallel"].size()
+        if dp != self.trainer.world_size or mesh["tensor_parallel"].size() != 1:
+            raise ValueError(f"ModelParallelStrategy: set data_parallel_size to the world size "
+                             f"({self.trainer.world_size} = devices x num_nodes) and tensor_parallel_size to 1; got "
+                             f"{dp} x {mesh['tensor_parallel'].size()} (experiments/fsdp.yaml)")
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        assert self.policy is not None
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        assert self.policy is not None
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        params = self.trainable_parameters()
+        kwargs = {"lr": self.lr, "weight_decay": self.weight_decay, "betas": self.betas}
+        if needs_master_weights(self.policy_cfg.dtype):
+            return MasterWeightAdamW(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
+
+    def _prepare_generation(self) -> None:
+        """Once per process, when ranks and devices exist: the FSDP root forward and the engine's setup."""
+        if self._generation_ready:
+            return
+        assert self.bundle is not None and self.policy is not None
+        if self.reference is not None and not self.sharded:
+            self.reference.to(self.device)
+        if self.sharded:
+            sharding.initialise_root(self.policy, pad_id=int(self.bundle.tokenizer.pad_token_id), device=self.device)
+            if self.reference is not None:
+                sharding.initialise_root(self.reference, pad_id=int(self.bundle.tokenizer.pad_token_id),
+                                         device=self.device)
+        self.engine.setup(self.bundle, rank=self.global_rank, world_size=self.trainer.world_size,
+                          seed=stable_seed("engine", self.seed, self.global_rank), sharded=self.sharded)
+        self._generation_ready = True
 
     @override
     def on_fit_start(self) -> None:
-        if self.reference is not None:
-            self.reference.to(self.device)
+        self._prepare_generation()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._prepare_generation()
+
+    @override
+    def on_test_start(self) -> None:
+        self._prepare_generation()
 
     # ----------------------------------------------------------------------------------------------- rollout
     def _encode(self, batch: FamilyBatch) -> dict[str, Tensor]:
@@ -221,7 +306,7 @@ class DivaGRPOModule(pl.LightningModule):
         inputs = self._encode(batch)
         with torch.no_grad():
             roll = self._sample(inputs, self.train_sampling, self.num_generations,
-                                stable_seed("rollout", self.seed, self.global_step, self.global_rank))
+                                stable_seed("rollout", self.seed, self.global_step))  # the engine mixes in the rank
         timings["rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -240,13 +325,17 @@ class DivaGRPOModule(pl.LightningModule):
 
         t = time.perf_counter()
         self.policy.train()
+        self.engine.sleep()
         update_stats = self._update(inputs, roll, advantages)
+        self.engine.wake()
         timings["update"] = time.perf_counter() - t
 
-        mask = roll.completion_mask
-        self.log_dict(update_stats, on_step=True, on_epoch=False, prog_bar=False, batch_size=len(answers))
+        n = len(answers)
+        self.log_dict(update_stats, on_step=True, on_epoch=False, prog_bar=False, batch_size=n)
+        for kind, count in batch.meta.get("fallbacks", {}).items():
+            self.log(f"data/variant_fallbacks/{kind}", float(count), on_step=True, on_epoch=False, batch_size=n)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
-        self.log("reward", rewards.mean(), on_step=True, on_epoch=False, prog_bar=True, batch_size=len(answers))
+        self.log("reward", rewards.mean(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         return {
             "rewards": rewards.detach(),
             "accuracy": accuracy.detach(),
@@ -258,86 +347,84 @@ class DivaGRPOModule(pl.LightningModule):
             "kind": batch.kind[prompt_ids],
             "difficulty": labels,
             "question_ids": [batch.question_ids[i] for i in prompt_ids.tolist()],
-            "completion_lengths": mask.sum(-1),
+            "completion_lengths": roll.completion_mask.sum(-1),
             "advantages": advantages.detach(),
             "timings": timings,
         }
 
+    def _score(self, model: torch.nn.Module, inputs: dict[str, Tensor], roll: Any, rows: list[int], *,
+               entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        ids = roll.completion_ids.to(self.device)[rows]
+        mask = roll.completion_mask.to(self.device)[rows]
+        index = roll.prompt_index.to(self.device)[rows]
+        return completion_logprobs(model, inputs, ids, mask, prompt_index=index,
+                                   temperature=max(self.train_sampling.temperature, 1e-5), with_entropy=entropy)
+
+    @torch.no_grad()
+    def _score_all(self, model: torch.nn.Module, inputs: dict[str, Tensor], roll: Any) -> Tensor:
+        n = roll.num_responses
+        step = self.update.micro_batch_size or self.update.mini_batch_size or n
+        return torch.cat([self._score(model, inputs, roll, list(range(s, min(s + step, n))))[0]
+                          for s in range(0, n, step)])
+
+    def _reference_logp(self, inputs: dict[str, Tensor], roll: Any) -> Tensor | None:
+        if self.loss_cfg.kl_coef <= 0:
+            return None
+        if self.reference is not None:
+            return self._score_all(self.reference, inputs, roll)
+        assert self.policy is not None and is_lora(self.policy)
+        with self.policy.disable_adapter():  # the base model, adapters off, is the reference under LoRA
+            return self._score_all(self.policy, inputs, roll)
+
     def _update(self, inputs: dict[str, Tensor], roll: Any, advantages: Tensor) -> dict[str, float]:
-        """PPO epochs over mini-batches, one optimizer step each; returns averaged loss statistics."""
-        assert self.bundle is not None and self.policy is not None
-        opt = self.optimizers()
+        """Old and reference log-probs, the correction weights, then the PPO update; returns its statistics."""
         n = advantages.numel()
-        mini = self.mini_batch_size or n
-        micro = self.micro_batch_size or mini
-        mask = roll.completion_mask.to(self.device)
-        ids = roll.completion_ids.to(self.device)
-        prompt_index = roll.prompt_index.to(self.device)
-        temperature = max(self.train_sampling.temperature, 1e-5)
-
-        def score(idx: list[int], model: torch.nn.Module, *, grad: bool, entropy: bool = False
-                  ) -> tuple[Tensor, Tensor | None]:
-            with torch.set_grad_enabled(grad):
-                return completion_logprobs(model, inputs, ids[idx], mask[idx], prompt_index=prompt_index[idx],
-                                           temperature=temperature, with_entropy=entropy)
-
-        def score_all(model: torch.nn.Module) -> Tensor:
-            return torch.cat([score(list(range(s, min(s + micro, n))), model, grad=False)[0]
-                              for s in range(0, n, micro)])
-
-        # Old log-probs of the sampling policy: from the engine when it provides them; when the round is a
-        # single optimizer step (one PPO epoch, one mini-batch) the weights have not moved since sampling, so
-        # old = current log-probs, taken detached from the same forward (ratio exactly 1, no extra pass);
-        # otherwise recomputed once before the first step.
-        on_policy = self.ppo_epochs == 1 and mini >= n
-        if roll.old_logp is not None:
-            old_logp: Tensor | None = roll.old_logp.to(self.device)
-        else:
-            old_logp = None if on_policy else score_all(self.policy)
-        ref_logp = score_all(self.reference) if self.reference is not None else None
-
-        cfg = self.loss_cfg
+        mask = roll.completion_mask.to(self.device).bool()
+        if self.loss_cfg.mask_truncated_completions and roll.finished is not None:
+            mask = truncation_mask(mask, roll.finished.to(self.device))
+        on_policy = self.engine.samples_from_module and self.update.single_step(n)
+        stats: dict[str, float] = {}
+        old_logp = None if on_policy else self._score_all(self.policy, inputs, roll)  # type: ignore[arg-type]
+        is_weights = None
+        if self.correction is not None and roll.old_logp is not None:
+            trainer_logp = old_logp if old_logp is not None else self._score_all(self.policy, inputs, roll)  # type: ignore[arg-type]
+            c = self.correction
+            is_weights, cstats = importance_weights(trainer_logp, roll.old_logp.to(self.device), mask,
+                                                    level=c.level, mode=c.mode, cap=c.cap)
+            stats.update(cstats.metrics())
+        batch = UpdateBatch(advantages=advantages, mask=mask, old_logp=old_logp,
+                            ref_logp=self._reference_logp(inputs, roll), is_weights=is_weights)
         g = torch.Generator().manual_seed(stable_seed("minibatch", self.seed, self.global_step, self.global_rank))
-        per_step: list[dict[str, float]] = []
-        want_entropy = cfg.entropy_coef > 0
-        for _ in range(self.ppo_epochs):
-            order = torch.randperm(n, generator=g).tolist() if mini < n else list(range(n))
-            for s in range(0, n, mini):
-                mb = order[s : s + mini]
-                num_tokens = self._global_token_count(mask[mb])
-                opt.zero_grad(set_to_none=True)
-                micro_stats: list[tuple[dict[str, float], float]] = []
-                for m in range(0, len(mb), micro):
-                    idx = mb[m : m + micro]
-                    logp, ent = score(idx, self.policy, grad=True, entropy=want_entropy)
-                    old = logp.detach() if old_logp is None else old_logp[idx]
-                    loss, stats = policy_loss(
-                        logp, old, advantages[idx], mask[idx], clip_low=cfg.clip_low,
-                        clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg,
-                        ref_logp=None if ref_logp is None else ref_logp[idx], kl_coef=cfg.kl_coef,
-                        kl_type=cfg.kl_type, entropy=ent, entropy_coef=cfg.entropy_coef,
-                        # mini-batch-wide denominators: micro-batch losses add up to the mini-batch loss
-                        num_tokens=num_tokens, num_seqs=len(mb),
-                    )
-                    self.manual_backward(loss)
-                    micro_stats.append((_stats_dict(stats), len(idx) / len(mb)))
-                if self.grad_clip > 0:
-                    self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-                opt.step()
-                per_step.append(combine_micro_stats(micro_stats))
-        return {k: sum(d[k] for d in per_step) / len(per_step) for k in per_step[0]}
+        hooks = _Hooks(self, inputs, roll)
+        stats.update(self.update.run(batch, hooks, generator=g))
+        stats["grad_norm"] = sum(hooks.grad_norms) / len(hooks.grad_norms)  # before clipping
+        return stats
 
     def _global_token_count(self, mask: Tensor) -> float:
         """Tokens of this mini-batch over all ranks, divided by the world size.
 
-        DDP averages gradients over ranks, so dividing each rank's token sum by (global tokens / world size)
-        makes the averaged gradient the exact global token mean.
+        Data parallelism averages gradients over ranks, so dividing each rank's token sum by (global tokens /
+        world size) makes the averaged gradient the exact global token mean.
         """
         local = mask.sum().to(torch.float64)
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
             local = self.trainer.strategy.reduce(local, reduce_op="sum")
         return max(float(local) / world, 1.0)
+
+    def _optimizer_step(self) -> float:
+        """Clip (on the model's gradients: correct for sharded DTensors and float32 masters alike), step, zero,
+        and push the new weights to an engine that keeps its own copy. Returns the gradient norm."""
+        opt = self.optimizers()
+        params = self.trainable_parameters()
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = norm.full_tensor() if isinstance(norm, sharding.DTensor) else norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if not self.engine.samples_from_module:
+            self.engine.sync_weights(self.policy)  # type: ignore[arg-type]
+        return float(norm)
 
     # -------------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: FamilyBatch, prefix: str) -> None:
@@ -349,6 +436,12 @@ class DivaGRPOModule(pl.LightningModule):
         answers = [batch.answers[i] for i in roll.prompt_index.tolist()]
         graded = self._grade(roll.texts, answers)
         acc = graded.accuracy.to(self.device, torch.float32)
+        bad = ~torch.isfinite(acc) | ~torch.isfinite(graded.reward.to(self.device, torch.float32))
+        if bool(bad.any()):
+            ids = sorted({batch.question_ids[int(roll.prompt_index[i])] for i in bad.nonzero().flatten().tolist()})
+            raise ValueError(f"{prefix}: the reward returned NaN/inf for {int(bad.sum())} response(s) of questions "
+                             f"{ids[:20]}{' ...' if len(ids) > 20 else ''}: fix the reward function; a score over "
+                             "the remaining questions would be wrong")
         self.val_accuracy.update(acc)
         self.val_format.update(graded.format.to(self.device, torch.float32))
         levels = batch.level[roll.prompt_index.to(self.device)]
@@ -385,37 +478,53 @@ class DivaGRPOModule(pl.LightningModule):
         self._log_eval("test")
 
     # ------------------------------------------------------------------------------------------------ export
-    def save_policy(self, out_dir: str | Path) -> Path:
-        """Write the current policy in the standard `save_pretrained` layout (loadable by `load_policy`)."""
-        assert self.bundle is not None
-        return self.bundle.save(out_dir)
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The policy's full weights in the base model's names, LoRA adapters merged.
+
+        Collective under FSDP (every rank must call it); only rank 0 receives the tensors there.
+        """
+        assert self.policy is not None
+        state = sharding.full_state_dict(self.policy)
+        if state and is_lora(self.policy):
+            state = merge_lora_state_dict(state, scale=lora_scale(self.policy))
+        return state
+
+    def export_policy(self, out_dir: str | Path) -> Path | None:
+        """Write the policy as a standard `save_pretrained` folder that `load_policy` reads.
+
+        Every rank must call it (the full weights are gathered from the shards); rank 0 writes and gets the
+        path, the other ranks get None.
+        """
+        assert self.bundle is not None and self.policy is not None
+        state = self.export_state_dict()
+        if self._trainer is not None and self.trainer.global_rank != 0:
+            return None
+        base = self.policy.get_base_model() if is_lora(self.policy) else self.policy
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        base.save_pretrained(out, state_dict=state)
+        self.bundle.tokenizer.save_pretrained(out)
+        self.bundle.image_processor.save_pretrained(out)
+        return out
 
 
-# Loss statistics that policy_loss aggregates with the mini-batch-wide denominator (num_tokens / num_seqs):
-# the micro-batch values are shares of the mini-batch value and add up. Every other statistic is a
-# per-micro-batch mean (weighted by the micro-batch's share of sequences) except the maximum ratio.
-ADDITIVE_STATS = frozenset({"loss/policy", "kl", "entropy"})
-MAX_STATS = frozenset({"ratio/max"})
+class _Hooks:
+    """`training.ppo.UpdateHooks` on the LightningModule: scoring, manual backward, the optimizer step."""
 
+    def __init__(self, module: DivaGRPOModule, inputs: dict[str, Tensor], roll: Any) -> None:
+        self.module, self.inputs, self.roll = module, inputs, roll
+        self.grad_norms: list[float] = []
 
-def combine_micro_stats(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
-    """One optimizer step's statistics from its micro-batches' (stats, share of the mini-batch) pairs."""
-    out: dict[str, float] = {}
-    for stats, share in parts:
-        for key, value in stats.items():
-            if key in MAX_STATS:
-                out[key] = max(out.get(key, value), value)
-            else:
-                out[key] = out.get(key, 0.0) + (value if key in ADDITIVE_STATS else value * share)
-    return out
+    def score(self, rows: list[int], *, entropy: bool) -> tuple[Tensor, Tensor | None]:
+        assert self.module.policy is not None
+        with torch.enable_grad():
+            return self.module._score(self.module.policy, self.inputs, self.roll, rows, entropy=entropy)
 
+    def backward(self, loss: Tensor) -> None:
+        self.module.manual_backward(loss)
 
-def _stats_dict(stats: Any) -> dict[str, float]:
-    """Flatten the loss stats container into loggable floats under TRL-style names."""
-    raw = asdict(stats)
-    names = {
-        "pg_loss": "loss/policy", "clip_frac_low": "clip_ratio/low", "clip_frac_high": "clip_ratio/high",
-        "dual_clip_frac": "clip_ratio/dual", "ratio_mean": "ratio/mean", "ratio_max": "ratio/max",
-        "kl": "kl", "entropy": "entropy", "approx_kl": "approx_kl", "loss": "loss",
-    }
-    return {names.get(k, k): float(v) for k, v in raw.items() if v is not None}
+    def step(self) -> None:
+        self.grad_norms.append(self.module._optimizer_step())
+
+    def token_denominator(self, mask: Tensor) -> float:
+        return self.module._global_token_count(mask)

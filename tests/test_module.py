@@ -94,7 +94,8 @@ def test_resume_equals_uninterrupted(tiny_policy_dir: str, tmp_path: Path) -> No
 def test_micro_batch_stats_combine_to_the_full_batch_stats(agg: str) -> None:
     """Two micro-batches of 3 with mini-batch-wide denominators log what one batch of 6 would."""
     from diva_lightning.core.loss import policy_loss
-    from diva_lightning.module import _stats_dict, combine_micro_stats
+    from diva_lightning.training.ppo import combine_micro_stats
+    from diva_lightning.training.ppo import stats_dict as _stats_dict
 
     g = torch.Generator().manual_seed(0)
     logp = -torch.rand(6, 5, generator=g)

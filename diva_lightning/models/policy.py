@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,15 @@ class PolicyBundle:
         self.image_processor.save_pretrained(out)
         return out
 
+    def set_pixel_budget(self, *, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+        """Resize images to at least ``min_pixels`` and at most ``max_pixels`` (None keeps that bound)."""
+        spec = self.vision_spec
+        lo = spec.min_pixels if min_pixels is None else int(min_pixels)
+        hi = spec.max_pixels if max_pixels is None else int(max_pixels)
+        if not 0 < lo <= hi:
+            raise ValueError(f"pixel budget needs 0 < min_pixels <= max_pixels, got {lo}, {hi}")
+        self.vision_spec = replace(spec, min_pixels=lo, max_pixels=hi)
+
     # prompts ---------------------------------------------------------------------------------------
     def build_prompt(self, problem: str) -> str:
         """Chat-formatted prompt: the problem plus the format instruction as the user turn (``<image>`` ->
@@ -168,40 +177,25 @@ class PolicyBundle:
         return out
 
 
-def load_policy(
-    path_or_hub_id: str | Path,
-    *,
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str | None = None,
-    prompt: PromptConfig | None = None,
-    attn_implementation: str | None = None,
-) -> PolicyBundle:
-    """Load a Qwen2(.5)-VL policy from a local directory or, only if no such directory exists, the hub.
+def resolve_policy_source(path_or_hub_id: str | Path) -> tuple[str, bool]:
+    """(source, is_local) for ``from_pretrained``; raises naming the path when nothing can be loaded.
 
-    Args:
-        path_or_hub_id: a checkpoint directory (tiny or real) or a hub id (``Qwen/Qwen2.5-VL-3B-Instruct``).
-        dtype: weights dtype, a ``torch.dtype`` or its name (default: transformers' default, float32).
-        device: where to put the model (default: stays on CPU).
-        prompt: the prompt template (default: the authors' R1 instruction, the template's system turn).
-        attn_implementation: e.g. "sdpa", "eager", "flash_attention_2" (default: transformers' choice).
+    A local directory wins (``~`` expanded). Only an ``org/name``-shaped string that is not a local directory
+    goes to the hub; anything else that does not exist is an error that says it was not tried as a hub id.
     """
-    local = Path(path_or_hub_id).expanduser()
     raw = str(path_or_hub_id)
-    # local path first; only an "org/name"-shaped string that is not a directory goes to the hub
-    looks_like_path = isinstance(path_or_hub_id, Path) or raw.startswith(("/", ".", "~"))
-    looks_like_path = looks_like_path or raw.count("/") != 1
-    if not local.is_dir() and looks_like_path:
-        raise FileNotFoundError(f"no checkpoint directory at {raw!r} (hub ids look like 'org/name')")
-    local_only = local.is_dir()
-    source = str(local) if local_only else raw
-    model_kwargs: dict[str, Any] = {"local_files_only": local_only}
-    if dtype is not None:
-        model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    if attn_implementation is not None:
-        model_kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
-    if device is not None:
-        model = model.to(device)
+    local = Path(raw).expanduser()
+    if local.is_dir():
+        return str(local), True
+    looks_like_path = isinstance(path_or_hub_id, Path) or raw.startswith(("/", ".", "~")) or raw.count("/") != 1
+    if looks_like_path or not all(raw.split("/")):
+        raise FileNotFoundError(f"policy {raw!r}: no checkpoint directory at {local.absolute()} (not tried as a "
+                                "hub id: hub ids look like 'org/name')")
+    return raw, False
+
+
+def load_tokenizer_and_processor(source: str, *, local_only: bool) -> tuple[Any, Any]:
+    """The checkpoint's tokenizer (with a pad token and a chat template) and its PIL image processor."""
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     # PIL backend: the torchvision one cannot import on the CPU stack; we only read its settings anyway.
     image_processor = AutoImageProcessor.from_pretrained(source, backend="pil", local_files_only=local_only)
@@ -212,7 +206,58 @@ def load_policy(
         # chat_template.json, which the tokenizer does not read
         logger.warning("%s: tokenizer has no chat template; using the Qwen ChatML template", source)
         tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return PolicyBundle(
+    return tokenizer, image_processor
+
+
+def load_policy(
+    path_or_hub_id: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    prompt: PromptConfig | None = None,
+    attn_implementation: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> PolicyBundle:
+    """Load a Qwen2(.5)-VL policy from a local directory or, only if no such directory exists, the hub.
+
+    Args:
+        path_or_hub_id: a checkpoint directory (tiny or real) or a hub id (``Qwen/Qwen2.5-VL-3B-Instruct``).
+        dtype: weights dtype, a ``torch.dtype`` or its name (default: transformers' default, float32).
+        device: where to put the model (default: stays on CPU).
+        prompt: the prompt template (default: the authors' R1 instruction, the template's system turn).
+        attn_implementation: e.g. "sdpa", "eager", "flash_attention_2" (default: transformers' choice).
+        min_pixels / max_pixels: override the image processor's pixel budget per image (default: its own).
+    Raises:
+        FileNotFoundError: no such directory, and not a hub id, or the hub id could not be loaded (the message
+            says which was tried).
+        ImportError: ``flash_attention_2`` without the flash-attn package.
+    """
+    source, local_only = resolve_policy_source(path_or_hub_id)
+    model_kwargs: dict[str, Any] = {"local_files_only": local_only}
+    if dtype is not None:
+        model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, **model_kwargs)
+    except ImportError as err:
+        if attn_implementation and attn_implementation.startswith("flash_attention"):
+            raise ImportError(f"attn_implementation {attn_implementation!r} needs the flash-attn package (CUDA "
+                              f"only): pip install flash-attn, or use 'sdpa' ({err})") from err
+        raise
+    except OSError as err:
+        if local_only:
+            raise
+        raise FileNotFoundError(f"policy {source!r}: no local directory {Path(source).absolute()}, and loading it "
+                                f"as a hub id failed (offline, or no such repository): {err}") from err
+    if device is not None:
+        model = model.to(device)
+    tokenizer, image_processor = load_tokenizer_and_processor(source, local_only=local_only)
+    bundle = PolicyBundle(
         model=model.eval(), tokenizer=tokenizer, image_processor=image_processor,
         prompt=prompt if prompt is not None else PromptConfig(),
     )
+    if min_pixels is not None or max_pixels is not None:
+        bundle.set_pixel_budget(min_pixels=min_pixels, max_pixels=max_pixels)
+    return bundle

@@ -51,7 +51,30 @@ class Rollout:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Samples ``num_generations`` responses for each encoded prompt."""
+    """Samples ``num_generations`` responses for each encoded prompt, and keeps training on-policy.
+
+    The contract with the training system (issue 11 item 3):
+
+    - ``samples_from_module``: True when the engine samples from the trained module itself (HF ``generate``):
+      the weights it samples with are always the current ones. Only then may the trainer take old log-probs
+      equal to the current ones in a single-step round. Otherwise (vLLM holds its own copy of the weights) the
+      trainer re-scores old log-probs before the first update, and ``Rollout.old_logp`` holds the *engine's*
+      log-probs, used for the optional importance-sampling correction.
+    - ``setup`` is called once per process when ranks and devices exist (the system's ``on_fit_start`` etc.),
+      never at config parsing time.
+    - ``sync_weights`` is called after every optimizer step (the engine pushes the new weights to its copy).
+    - ``sleep`` / ``wake`` bracket the update, so an engine can free its memory while the trainer works.
+    """
+
+    samples_from_module: bool
+
+    def setup(self, bundle: PolicyBundle, *, rank: int, world_size: int, seed: int, sharded: bool) -> None: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
 
     def generate(
         self,

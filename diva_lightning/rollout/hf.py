@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
 from transformers import GenerationConfig
 
+from diva_lightning.core.seeding import stable_seed
 from diva_lightning.models.logprobs import repeat_prompt_inputs
 from diva_lightning.models.policy import PolicyBundle
 from diva_lightning.rollout.base import Rollout, mask_after_stop
@@ -21,13 +23,36 @@ class HFGenerateEngine:
     the re-scoring forward fail ("Image features and image tokens do not match").
 
     Args:
+        seed_by_prompt: sample each prompt in its own ``generate`` call, seeded by the prompt's content, so a
+            prompt's responses do not depend on which batch or rank it lands in (1 process with 2B questions
+            samples what 2 processes with B each do). Slower (one call per prompt); for equivalence tests.
         return_old_logp: also fill ``Rollout.old_logp`` from generate's raw logits (log-softmax at the
             sampling temperature over the full vocabulary, i.e. the same quantity as
             ``completion_logprobs``, up to KV-cache numerics). Off by default: trainers usually re-score.
     """
 
-    def __init__(self, *, return_old_logp: bool = False) -> None:
+    samples_from_module = True  # generates with the trained model itself: always the current weights
+
+    def __init__(self, *, return_old_logp: bool = False, seed_by_prompt: bool = False) -> None:
         self.return_old_logp = return_old_logp
+        self.seed_by_prompt = seed_by_prompt
+        self.synced = False
+        self.rank = 0
+
+    def setup(self, bundle: PolicyBundle, *, rank: int, world_size: int, seed: int, sharded: bool) -> None:
+        """Under FSDP every rank must run the same number of forwards (each one all-gathers the weights), so
+        generation keeps stepping until every rank's responses have ended (``synced_gpus``)."""
+        self.synced = sharded and world_size > 1
+        self.rank = rank
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Nothing to push: the engine samples from the trained module."""
+
+    def sleep(self) -> None:
+        """Nothing to free."""
+
+    def wake(self) -> None:
+        """Nothing to restore."""
 
     def generation_config(
         self, bundle: PolicyBundle, *, temperature: float, top_p: float, max_new_tokens: int, do_sample: bool
@@ -64,23 +89,33 @@ class HFGenerateEngine:
     ) -> Rollout:
         """Sample ``num_generations`` responses per prompt row of ``inputs`` (``PolicyBundle.encode`` output).
 
-        ``seed`` makes the draw reproducible without touching the caller's RNG stream; ``None`` uses the
-        global generator (seeded by Lightning's ``seed_everything``).
+        ``seed`` makes the draw reproducible without touching the caller's RNG stream (mixed with this process's
+        rank, or with each prompt's fingerprint when ``seed_by_prompt``); ``None`` uses the global generator.
         """
         if num_generations < 1:
             raise ValueError("num_generations must be >= 1")
-        model = bundle.model
-        num_prompts = inputs["input_ids"].shape[0]
-        prompt_index = torch.arange(num_prompts).repeat_interleave(num_generations)  # [N], groups contiguous
-        batch = repeat_prompt_inputs(
-            inputs,
-            prompt_index,
-            image_token_id=bundle.image_token_id,
-            merge_size=bundle.vision_spec.merge_size,
-        )
         gen_config = self.generation_config(
             bundle, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, do_sample=do_sample
         )
+        num_prompts = inputs["input_ids"].shape[0]
+        if not self.seed_by_prompt or seed is None:
+            rows = torch.arange(num_prompts)
+            return self._sample(bundle, inputs, rows, num_generations, gen_config,
+                                None if seed is None else stable_seed(seed, self.rank))
+        parts = [self._sample(bundle, inputs, torch.tensor([p]), num_generations, gen_config,
+                              stable_seed(seed, _fingerprint(bundle, inputs, p)))
+                 for p in range(num_prompts)]
+        return _concat(parts, pad_id=int(bundle.tokenizer.pad_token_id))
+
+    def _sample(self, bundle: PolicyBundle, inputs: Mapping[str, torch.Tensor], rows: torch.Tensor,
+                num_generations: int, gen_config: GenerationConfig, seed: int | None) -> Rollout:
+        """One ``generate`` call for prompt ``rows`` (G contiguous responses each)."""
+        model = bundle.model
+        prompt_index = rows.repeat_interleave(num_generations)  # [N], groups contiguous
+        batch = repeat_prompt_inputs(
+            inputs, prompt_index, image_token_id=bundle.image_token_id, merge_size=bundle.vision_spec.merge_size
+        )
+        batch = _strip_left_padding(batch)
         prompt_len = batch["input_ids"].shape[1]
         was_training = model.training
         model.eval()
@@ -90,7 +125,7 @@ class HFGenerateEngine:
             with torch.random.fork_rng(devices=devices, enabled=seed is not None):
                 if seed is not None:
                     torch.manual_seed(seed)
-                out = model.generate(**batch, generation_config=gen_config)
+                out = model.generate(**batch, generation_config=gen_config, synced_gpus=self.synced)
         finally:
             model.train(was_training)
         completion_ids = out.sequences[:, prompt_len:]
@@ -104,9 +139,10 @@ class HFGenerateEngine:
         ]
         old_logp = None
         if self.return_old_logp:
-            logits = torch.stack(out.logits, dim=1).float()  # [N, T, V] raw (unprocessed) logits
-            if do_sample:
-                logits = logits / temperature
+            steps = out.logits[: completion_ids.shape[1]]  # one [N, V] per generated position
+            logits = torch.stack(steps, dim=1).float()  # [N, T, V] raw (unprocessed) logits
+            if gen_config.do_sample:
+                logits = logits / gen_config.temperature
             old_logp = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
             old_logp = old_logp * completion_mask
         return Rollout(
@@ -117,3 +153,41 @@ class HFGenerateEngine:
             old_logp=old_logp,
             finished=finished,
         )
+
+
+def _strip_left_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the columns that are padding in every row (a single prompt taken from a padded batch)."""
+    used = batch["attention_mask"].bool().any(dim=0).nonzero()
+    first = int(used[0]) if used.numel() else 0
+    if first == 0:
+        return batch
+    return {k: (v[:, first:] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+            for k, v in batch.items()}
+
+
+def _fingerprint(bundle: PolicyBundle, inputs: Mapping[str, torch.Tensor], row: int) -> str:
+    """A digest of prompt ``row``'s tokens and pixels: the same prompt gets the same samples in any batch."""
+    single = repeat_prompt_inputs(inputs, torch.tensor([row]), image_token_id=bundle.image_token_id,
+                                  merge_size=bundle.vision_spec.merge_size)
+    ids = single["input_ids"][single["attention_mask"].bool()]
+    digest = hashlib.blake2b(ids.cpu().numpy().tobytes(), digest_size=16)
+    if "pixel_values" in single:
+        digest.update(single["pixel_values"].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _concat(parts: list[Rollout], *, pad_id: int) -> Rollout:
+    """Rollouts of successive prompt rows as one (completions right-padded to the longest)."""
+    width = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return Rollout(
+        prompt_index=torch.cat([p.prompt_index for p in parts]),
+        completion_ids=torch.cat([pad(p.completion_ids, pad_id) for p in parts]),
+        completion_mask=torch.cat([pad(p.completion_mask, 0) for p in parts]),
+        texts=[t for p in parts for t in p.texts],
+        old_logp=None if parts[0].old_logp is None else torch.cat([pad(p.old_logp, 0.0) for p in parts]),
+        finished=torch.cat([p.finished for p in parts]),  # type: ignore[misc]
+    )

@@ -1,0 +1,178 @@
+"""Typed settings of the training system, each with a `check()` that lists its problems.
+
+`DivaGRPOModule` collects every `check()` when it is built and raises once with all problems (issue 11 item 8:
+nothing is validated late, after a rollout). String choices are checked against core's constants, the one place
+they are defined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diva_lightning.core.correction import IS_LEVELS, IS_MODES
+from diva_lightning.core.loss import AGGS, KL_TYPES, RATIO_LEVELS
+
+PROMPT_OVERFLOW = ("error", "skip")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def _choice(name: str, value: object, allowed: tuple[object, ...]) -> list[str]:
+    if value in allowed:
+        return []
+    return [f"{name} must be one of {', '.join(str(a) for a in allowed)}, got {value!r}"]
+
+
+@dataclass
+class LossConfig:
+    """Policy-loss settings (design.md section 6)."""
+
+    clip_low: float = 0.2
+    """Lower PPO clip (ratio >= 1 - clip_low)."""
+    clip_high: float = 0.3
+    """Upper PPO clip (ratio <= 1 + clip_high); official 0.3."""
+    dual_clip: float | None = 3.0
+    """Dual-clip constant c for negative advantages; null turns it off."""
+    agg: str = "token_mean"
+    """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (Dr.GRPO: constant = max_new_tokens)."""
+    ratio_level: str = "token"
+    """token (PPO/GRPO) | sequence (GSPO: one length-normalised ratio per response)."""
+    mask_truncated_completions: bool = False
+    """Responses that hit the token budget get no gradient (TRL's mask_truncated_completions)."""
+    kl_coef: float = 0.0
+    """Weight of the KL to the frozen reference policy (0 = no reference model is loaded)."""
+    kl_type: str = "k3"
+    """k1 | k3 (low_var_kl)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+
+    def check(self) -> list[str]:
+        problems = _choice("loss.agg", self.agg, AGGS) + _choice("loss.kl_type", self.kl_type, KL_TYPES)
+        problems += _choice("loss.ratio_level", self.ratio_level, RATIO_LEVELS)
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            problems.append(f"loss.clip_low must be in [0, 1) and clip_high >= 0, got {self.clip_low}, "
+                            f"{self.clip_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            problems.append(f"loss.dual_clip must be > 1 or null, got {self.dual_clip}")
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            problems.append(f"loss.kl_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.entropy_coef}")
+        return problems
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding settings for rollouts or evaluation."""
+
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 64
+    """Maximum response length in tokens."""
+    num_samples: int = 1
+    """Evaluation only: responses per question, accuracy averaged over them (mean@k; needs temperature > 0 when
+    above 1). Rollouts use ``num_generations`` instead, so ``train_sampling`` must leave it at 1."""
+
+    def check(self, name: str) -> list[str]:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"{name}.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"{name}.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            problems.append(f"{name}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            problems.append(f"{name}.num_samples must be >= 1, got {self.num_samples}")
+        elif self.num_samples > 1 and self.temperature <= 0:
+            problems.append(f"{name}.num_samples > 1 needs temperature > 0 (greedy answers are all the same)")
+        return problems
+
+
+@dataclass
+class CorrectionConfig:
+    """Importance-sampling correction between the engine's and the trainer's log-probs (TRL's names)."""
+
+    level: str = "token"
+    """token | sequence."""
+    mode: str = "truncate"
+    """truncate (weights capped at `cap`) | mask (tokens or sequences above `cap` get weight 0)."""
+    cap: float = 3.0
+    """Cap C of the ratio pi_trainer / pi_engine."""
+
+    def check(self) -> list[str]:
+        problems = _choice("rollout_correction.level", self.level, IS_LEVELS)
+        problems += _choice("rollout_correction.mode", self.mode, IS_MODES)
+        if self.cap <= 1:
+            problems.append(f"rollout_correction.cap must be > 1, got {self.cap}")
+        return problems
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through PEFT (the vision tower excluded by default, as EasyR1 and verl do)."""
+
+    rank: int = 64
+    """Adapter rank r."""
+    alpha: int = 128
+    """Scaling alpha (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names (last path component) that get adapters."""
+    include_vision: bool = False
+    """Also adapt the vision tower's modules of those names."""
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.rank < 1 or self.alpha <= 0:
+            problems.append(f"lora.rank must be >= 1 and lora.alpha > 0, got {self.rank}, {self.alpha}")
+        if not self.target_modules:
+            problems.append("lora.target_modules is empty")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        return problems
+
+
+@dataclass
+class PolicyConfig:
+    """How the policy is loaded and what of it trains: the real-model scale knobs (issue 10 item 3).
+
+    Pixel budgets: null means "auto": the authors' 262,144 .. 1,048,576 pixels per image for any checkpoint
+    but the embedded one, which keeps its own (56x56 .. 112x112); a real Qwen2.5-VL processor would otherwise
+    allow 12.8 MP per image.
+    """
+
+    dtype: str = "float32"
+    """Weights dtype: float32 | bfloat16 (bfloat16 trains through float32 master copies in the optimizer)."""
+    attn_implementation: str | None = None
+    """sdpa | eager | flash_attention_2 (needs the flash-attn package) | null (transformers' choice)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (decoder layers and vision blocks)."""
+    freeze_vision_tower: bool = False
+    """Train the language model only: the vision tower's weights get no gradient and no optimizer state."""
+    lora: LoraConfig | None = None
+    """LoRA adapters (PEFT); null trains the full weights. The KL reference is then the base (adapter off)."""
+    min_pixels: int | None = None
+    """Smallest image area after resizing (null: auto, see above)."""
+    max_pixels: int | None = None
+    """Largest image area after resizing (null: auto, see above)."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens (images included); null: the context length minus max_new_tokens."""
+    prompt_overflow: str = "error"
+    """error (all too-long questions listed before training) | skip (dropped and counted, with a warning)."""
+
+    def check(self) -> list[str]:
+        problems = _choice("policy_config.dtype", self.dtype, ("float32", "bfloat16"))
+        if self.attn_implementation is not None:
+            problems += _choice("policy_config.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        problems += _choice("policy_config.prompt_overflow", self.prompt_overflow, PROMPT_OVERFLOW)
+        if self.min_pixels is not None and self.min_pixels < 1:
+            problems.append(f"policy_config.min_pixels must be >= 1, got {self.min_pixels}")
+        if self.max_pixels is not None and self.max_pixels < max(1, self.min_pixels or 1):
+            problems.append(f"policy_config.max_pixels must be >= min_pixels, got {self.max_pixels}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            problems.append(f"policy_config.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if self.lora is not None:
+            problems += self.lora.check()
+        return problems

@@ -1,0 +1,167 @@
+"""The PPO update of one round: epochs over shuffled mini-batches, one optimizer step each, micro-batch accumulation.
+
+A plain class driven through a small hooks object, so a test runs it without a Trainer (design.md section 1:
+"the LightningModule only wires it"). The math is `core.loss.policy_loss`; this file only decides which
+responses go into which forward and with which denominators:
+
+- ``token_mean`` is exact across micro-batches and ranks: every micro-batch divides by the *mini-batch's*
+  token count over all ranks divided by the world size (``UpdateHooks.token_denominator``), because data
+  parallelism averages gradients over ranks;
+- the sequence aggregations divide by the mini-batch's number of responses on this rank;
+- Dr.GRPO's constant is ``max_len`` (the response budget ``max_new_tokens``), never the batch's longest response.
+
+Old log-probs: ``old_logp=None`` means "the sampling policy is the current one" (ratio exactly 1, taken detached
+from the same forward). That shortcut is only right for a single optimizer step per round: the class refuses it
+otherwise, so a caller cannot turn PPO into REINFORCE on stale samples by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from diva_lightning.core.loss import policy_loss
+from diva_lightning.training.config import LossConfig
+
+
+class UpdateHooks(Protocol):
+    """What the update needs from its host (the LightningModule, or a test)."""
+
+    def score(self, rows: list[int], *, entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """Log-probs [n, T] (with grad) and entropy [n, T] or None of responses ``rows`` under the policy."""
+        ...
+
+    def backward(self, loss: Tensor) -> None: ...
+
+    def step(self) -> None:
+        """Clip gradients, step the optimizer, zero the gradients (and tell the rollout engine)."""
+        ...
+
+    def token_denominator(self, mask: Tensor) -> float:
+        """The ``token_mean`` denominator of a mini-batch whose mask on this rank is ``mask``."""
+        ...
+
+
+@dataclass
+class UpdateBatch:
+    """One round's responses as the update sees them (N responses, T completion positions).
+
+    Attributes:
+        advantages: [N] float.
+        mask: [N, T] bool, the tokens that get gradient.
+        old_logp: [N, T] log-probs of the sampling policy, or None (= current policy, one step only).
+        ref_logp: [N, T] reference log-probs for the KL term, or None.
+        is_weights: [N, T] importance weights (engine/trainer correction), or None.
+    """
+
+    advantages: Tensor
+    mask: Tensor
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+    is_weights: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.advantages.shape[0])
+
+
+# Loss statistics that policy_loss aggregates with the mini-batch-wide denominator (num_tokens / num_seqs):
+# micro-batch values are shares of the mini-batch value and add up. Every other statistic is a
+# per-micro-batch mean (weighted by the micro-batch's share of sequences) except the maximum ratio.
+ADDITIVE_STATS = frozenset({"loss/policy", "kl", "entropy"})
+MAX_STATS = frozenset({"ratio/max"})
+_STAT_NAMES = {
+    "pg_loss": "loss/policy", "clip_frac_low": "clip_ratio/low", "clip_frac_high": "clip_ratio/high",
+    "dual_clip_frac": "clip_ratio/dual", "ratio_mean": "ratio/mean", "ratio_max": "ratio/max",
+    "kl": "kl", "entropy": "entropy", "approx_kl": "approx_kl", "loss": "loss",
+}
+
+
+def stats_dict(stats: object) -> dict[str, float]:
+    """Flatten a `PolicyLossStats` into loggable floats under TRL-style names."""
+    return {_STAT_NAMES.get(k, k): float(v) for k, v in asdict(stats).items() if v is not None}  # type: ignore[call-overload]
+
+
+def combine_micro_stats(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """One optimizer step's statistics from its micro-batches' (stats, share of the mini-batch) pairs."""
+    out: dict[str, float] = {}
+    for stats, share in parts:
+        for key, value in stats.items():
+            if key in MAX_STATS:
+                out[key] = max(out.get(key, value), value)
+            else:
+                out[key] = out.get(key, 0.0) + (value if key in ADDITIVE_STATS else value * share)
+    return out
+
+
+class PPOUpdate:
+    """``epochs`` passes over a round's responses in mini-batches of ``mini_batch_size``, one optimizer step each,
+    gradients accumulated over micro-batches of ``micro_batch_size`` (see the module docstring).
+
+    Args:
+        loss: clipping, aggregation, ratio level, KL and entropy settings.
+        epochs: passes over the round (PPO epochs).
+        mini_batch_size: responses per optimizer step (None: the whole round).
+        micro_batch_size: responses per forward/backward (None: the whole mini-batch).
+        max_len: Dr.GRPO's constant for ``seq_mean_token_sum_norm`` (the response budget).
+    """
+
+    def __init__(self, loss: LossConfig, *, epochs: int = 1, mini_batch_size: int | None = None,
+                 micro_batch_size: int | None = None, max_len: int | None = None) -> None:
+        problems = loss.check()
+        if epochs < 1:
+            problems.append(f"ppo_epochs must be >= 1, got {epochs}")
+        for name, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1 or null, got {value}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.loss, self.epochs = loss, epochs
+        self.mini_batch_size, self.micro_batch_size, self.max_len = mini_batch_size, micro_batch_size, max_len
+
+    def steps_per_round(self, n: int) -> int:
+        """Optimizer steps one round of ``n`` responses takes."""
+        mini = self.mini_batch_size or n
+        return self.epochs * -(-n // mini)
+
+    def single_step(self, n: int) -> bool:
+        """Whether a round of ``n`` responses is one optimizer step (weights unchanged since sampling)."""
+        return self.steps_per_round(n) == 1
+
+    def run(self, batch: UpdateBatch, hooks: UpdateHooks, *, generator: torch.Generator) -> dict[str, float]:
+        """Run the round's optimizer steps; returns the statistics averaged over steps."""
+        n = len(batch)
+        if batch.old_logp is None and not self.single_step(n):
+            raise ValueError(f"old log-probs are required: this round takes {self.steps_per_round(n)} optimizer "
+                             "steps, so the sampling policy is not the current one after the first")
+        mini = self.mini_batch_size or n
+        micro = self.micro_batch_size or mini
+        cfg = self.loss
+        want_entropy = cfg.entropy_coef > 0
+        per_step: list[dict[str, float]] = []
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=generator).tolist() if mini < n else list(range(n))
+            for s in range(0, n, mini):
+                mb = order[s : s + mini]
+                num_tokens = hooks.token_denominator(batch.mask[mb])
+                micro_stats: list[tuple[dict[str, float], float]] = []
+                for m in range(0, len(mb), micro):
+                    idx = mb[m : m + micro]
+                    logp, ent = hooks.score(idx, entropy=want_entropy)
+                    old = logp.detach() if batch.old_logp is None else batch.old_logp[idx]
+                    loss, stats = policy_loss(
+                        logp, old, batch.advantages[idx], batch.mask[idx], clip_low=cfg.clip_low,
+                        clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg, ratio_level=cfg.ratio_level,
+                        ref_logp=None if batch.ref_logp is None else batch.ref_logp[idx], kl_coef=cfg.kl_coef,
+                        kl_type=cfg.kl_type, entropy=ent, entropy_coef=cfg.entropy_coef,
+                        is_weights=None if batch.is_weights is None else batch.is_weights[idx],
+                        # mini-batch-wide denominators: micro-batch losses add up to the mini-batch loss
+                        num_tokens=num_tokens, num_seqs=len(mb), max_len=self.max_len,
+                    )
+                    hooks.backward(loss)
+                    micro_stats.append((stats_dict(stats), len(idx) / len(mb)))
+                hooks.step()
+                per_step.append(combine_micro_stats(micro_stats))
+        return {k: sum(d[k] for d in per_step) / len(per_step) for k in per_step[0]}
