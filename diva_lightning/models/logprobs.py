@@ -4,6 +4,13 @@ Prompt + completion are re-scored in one forward pass. ``mm_token_type_ids`` is 
 over the completion (text), the attention mask with ones (HF ``generate`` also attends to the pads
 that follow an early EOS, so the masked tails see the same context; their values are masked anyway),
 and images are repeated per response when several responses share a prompt.
+
+Memory. With a real vocabulary (V = 151,936) the float32 logits of a micro-batch, ``[N, T, V]``, dwarf
+everything else the scoring step holds (40 x 1024 tokens: 25 GB per copy), and the plain formula holds several
+copies (the upcast, the tempered logits, the softmax for the entropy, their gradients). So the logits are never
+built: ``lm_head`` is applied to ``chunk_tokens`` hidden states at a time inside :class:`_ChunkedTokenScores`,
+which keeps only the per-token log-normaliser and entropy, and recomputes each chunk's logits in backward.
+Peak extra memory is then about two float32 ``[chunk_tokens, V]`` buffers (``benchmarks/logprob_memory.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from diva_lightning.models.vision import num_image_tokens
@@ -84,6 +92,160 @@ def repeat_prompt_inputs(
     return out
 
 
+# Tokens whose logits are materialised at once: at V = 151,936 two float32 [256, V] buffers are 0.3 GB, and
+# a [256, H] x [H, V] matmul is still large enough to run at full speed.
+DEFAULT_CHUNK_TOKENS = 256
+
+
+def _tempered_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+                     ) -> torch.Tensor:
+    """[c, H] -> [c, V] logits / temperature in float32 (float64 stays float64), the matmul in the precision the
+    model's lm_head would use."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # a new tensor: in-place below is safe
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+class _ChunkedTokenScores(torch.autograd.Function):
+    """Per-token log p(target) and entropy of softmax((hidden @ weight.T + bias) / temperature), chunk by chunk.
+
+    Forward keeps only log Z and H per token ([N] each); backward recomputes each chunk's logits and applies
+    d log p / dz = onehot(target) - p and dH / dz = -p * (z - E_p[z]) (with E_p[z] = log Z - H), so at most one
+    chunk's logits (two float32 [c, V] buffers) are alive at any time, in forward and in backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,  # [N, H]
+        weight: torch.Tensor,  # [V, H]
+        bias: torch.Tensor | None,  # [V]
+        targets: torch.Tensor,  # [N] long
+        temperature: float,
+        with_entropy: bool,
+        chunk_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        logz = torch.empty(n, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        logp = torch.empty_like(logz)
+        entropy = torch.empty_like(logz) if with_entropy else logz.new_empty(0)
+        for lo in range(0, n, chunk_tokens):
+            rows = slice(lo, min(n, lo + chunk_tokens))
+            z = _tempered_logits(hidden[rows], weight, bias, temperature)  # [c, V]
+            zmax = z.amax(dim=-1, keepdim=True)
+            p = torch.sub(z, zmax).exp_()  # [c, V] unnormalised probabilities
+            total = p.sum(dim=-1, keepdim=True)
+            logz[rows] = (zmax + total.log()).squeeze(-1)  # = torch.logsumexp(z, -1), same operations
+            logp[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - logz[rows]
+            if with_entropy:
+                entropy[rows] = logz[rows] - p.div_(total).mul_(z).sum(dim=-1)  # H = log Z - E_p[z]
+            del z, p
+        ctx.save_for_backward(hidden, weight, bias, targets, logz, entropy)
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))  # type: ignore[attr-defined]
+        ctx.temperature = temperature  # type: ignore[attr-defined]
+        ctx.chunk_tokens = chunk_tokens  # type: ignore[attr-defined]
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, targets, logz, entropy = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        use_entropy = grad_entropy is not None and entropy.numel() > 0
+        none = (None,) * 4  # targets, temperature, with_entropy, chunk_tokens
+        if grad_logp is None and not use_entropy:
+            return (None, None, None, *none)
+        temperature: float = ctx.temperature  # type: ignore[attr-defined]
+        chunk: int = ctx.chunk_tokens  # type: ignore[attr-defined]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # float32 accumulators: summing per-chunk products in bf16 would lose what one big matmul keeps
+        acc = logz.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_bias else None
+        device, autocast_on, autocast_dtype = ctx.autocast  # type: ignore[attr-defined]
+        n = hidden.shape[0]
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):  # the forward's precision
+            for lo in range(0, n, chunk):
+                rows = slice(lo, min(n, lo + chunk))
+                h = hidden[rows]
+                z = _tempered_logits(h, weight, bias, temperature)  # [c, V]
+                p = torch.sub(z, logz[rows, None]).exp_()  # [c, V] softmax
+                if use_entropy:
+                    assert grad_entropy is not None
+                    # z := g_H * p * (z - E_p[z]); the entropy part of dL/dz is its negative
+                    z.sub_((logz[rows] - entropy[rows])[:, None]).mul_(p).mul_(grad_entropy[rows, None])
+                if grad_logp is not None:
+                    g_logp = grad_logp[rows, None]
+                    grad_z = p.mul_(-g_logp).scatter_add_(1, targets[rows, None], g_logp)  # g * (onehot - p)
+                    if use_entropy:
+                        grad_z.sub_(z)
+                else:
+                    grad_z = z.neg_()
+                del p, z
+                grad_z.div_(temperature)  # [c, V] dL/dlogits
+                if grad_hidden is not None:
+                    grad_hidden[rows] = torch.mm(grad_z.to(weight.dtype), weight).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_z.t(), h.to(acc))  # in-place ops escape autocast: float32
+                if grad_bias is not None:
+                    grad_bias += grad_z.sum(dim=0)
+                del grad_z
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            *none,
+        )
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of ``targets`` (and entropy) under softmax((hidden @ weight.T + bias) / temperature).
+
+    Equal to ``log_softmax(F.linear(hidden, weight, bias).float() / temperature).gather(targets)`` and to the
+    entropy of that distribution, values and gradients, without ever holding the ``[..., V]`` logits of more than
+    ``chunk_tokens`` tokens (see :class:`_ChunkedTokenScores`).
+
+    Args:
+        hidden: [..., H] final hidden states (the ``lm_head`` input).
+        weight: [V, H] output-layer weight; ``bias``: [V] or None.
+        targets: [...] long token ids in [0, V).
+        temperature: the logits are divided by it (> 0).
+        with_entropy: also return the per-token entropy of the tempered distribution.
+        chunk_tokens: tokens scored at once (None: all of them in one chunk).
+    Returns:
+        logp [...] float32 and entropy [...] float32 or None.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}")
+    if hidden.shape[:-1] != targets.shape or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"shapes do not match: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
+            f"weight {tuple(weight.shape)} (expected hidden [..., H], targets [...], weight [V, H])"
+        )
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]; a copy when hidden is a strided slice (small)
+    flat_targets = targets.reshape(-1).long()
+    step = max(1, flat_targets.numel() if chunk_tokens is None else chunk_tokens)
+    logp, entropy = _ChunkedTokenScores.apply(
+        flat_hidden, weight, bias, flat_targets, float(temperature), with_entropy, step
+    )
+    return logp.view(targets.shape), entropy.view(targets.shape) if with_entropy else None
+
+
 def _score(
     model: PreTrainedModel,
     prompt_inputs: Mapping[str, torch.Tensor],
@@ -91,9 +253,16 @@ def _score(
     *,
     temperature: float,
     with_entropy: bool,
+    chunk_tokens: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One forward over rows already aligned with ``completion_ids`` [n, T] -> ([n, T], [n, T] | None)."""
-    n, t = completion_ids.shape
+    """One forward over rows already aligned with ``completion_ids`` [n, T] -> ([n, T], [n, T] | None).
+
+    The model runs its own ``forward`` (so whatever wraps it runs as usual: FSDP2 unshards the output layer,
+    PEFT applies adapters), while a pre-hook on its output layer scores the hidden states with
+    :func:`token_logprobs` and hands the layer zero positions: the forward's own logits are ``[n, 0, V]``.
+    Calling the inner ``model.model`` and ``lm_head`` directly would skip the root module's FSDP2 hooks.
+    """
+    t = completion_ids.shape[1]
     inputs = dict(prompt_inputs)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], dim=1)
     ones = torch.ones_like(completion_ids, dtype=inputs["attention_mask"].dtype)
@@ -101,17 +270,33 @@ def _score(
     if "mm_token_type_ids" in inputs:
         mm = inputs["mm_token_type_ids"]
         inputs["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(completion_ids, dtype=mm.dtype)], dim=1)
-    # logits at positions L-1 .. L+T-2 predict the T completion tokens; skipping the prompt's other
-    # positions saves the lm_head (the largest matmul with a real 152k vocabulary).
-    logits = model(**inputs, use_cache=False, logits_to_keep=t + 1).logits[:, :-1, :]
-    logits = logits.float() / temperature  # [n, T, V]
-    logz = torch.logsumexp(logits, dim=-1)  # [n, T]
-    logp = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logz
-    entropy = None
-    if with_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        entropy = logz - (probs * logits).sum(dim=-1)  # H = log Z - E_p[logit]
-    return logp, entropy
+    lm_head = model.get_output_embeddings()
+    if not isinstance(lm_head, torch.nn.Linear):
+        raise TypeError(
+            "chunked scoring applies the output layer's weight itself and needs an nn.Linear; "
+            f"{type(model).__name__}.get_output_embeddings() is {type(lm_head).__name__} "
+            "(an adapter on lm_head is not supported: leave lm_head out of the LoRA target modules)"
+        )
+    scores: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def score_hidden(module: torch.nn.Linear, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        hidden = args[0]  # [n, T + 1, H]: positions L-1 .. L+T-1 (logits_to_keep below)
+        # positions L-1 .. L+T-2 predict the T completion tokens; the last position predicts nothing we score
+        scores.append(token_logprobs(
+            hidden[:, :-1], module.weight, completion_ids, bias=module.bias, temperature=temperature,
+            with_entropy=with_entropy, chunk_tokens=chunk_tokens,
+        ))
+        return (hidden[:, :0],)
+
+    handle = lm_head.register_forward_pre_hook(score_hidden)
+    try:
+        # skipping the prompt's other positions also skips their lm_head (the largest matmul at 152k vocabulary)
+        model(**inputs, use_cache=False, logits_to_keep=t + 1)
+    finally:
+        handle.remove()
+    if len(scores) != 1:
+        raise RuntimeError(f"expected the output layer to run once per forward, it ran {len(scores)} times")
+    return scores[0]
 
 
 def completion_logprobs(
@@ -124,6 +309,7 @@ def completion_logprobs(
     with_entropy: bool = False,
     prompt_index: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of completion tokens under ``model`` at ``temperature``.
 
@@ -136,6 +322,8 @@ def completion_logprobs(
         with_entropy: also return the per-token entropy of the tempered distribution.
         prompt_index: [N] prompt row of each completion; default ``arange(N)`` (requires N == P).
         chunk_size: score at most this many rows per forward (memory bound; results are identical).
+        chunk_tokens: within a forward, build the vocabulary logits of at most this many tokens at once
+            (memory bound, forward and backward; results are identical; None: all tokens of the forward).
     Returns:
         logp [N, T] float32 and entropy [N, T] float32 or None; both 0 where ``completion_mask`` is 0.
     """
@@ -157,7 +345,8 @@ def completion_logprobs(
             prompt_inputs, prompt_index[rows], image_token_id=int(cfg.image_token_id), merge_size=merge
         )
         logp, ent = _score(
-            model, chunk_inputs, completion_ids[rows], temperature=temperature, with_entropy=with_entropy
+            model, chunk_inputs, completion_ids[rows], temperature=temperature, with_entropy=with_entropy,
+            chunk_tokens=chunk_tokens,
         )
         logps.append(logp)
         if ent is not None:
