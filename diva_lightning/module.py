@@ -48,6 +48,7 @@ from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.lora import apply_lora, is_lora, lora_scale, merge_lora_state_dict
 from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.models.prompt import PromptConfig
+from diva_lightning.models.vision import VisionSpec
 from diva_lightning.rewards import CombinedReward
 from diva_lightning.rollout.base import RolloutEngine
 from diva_lightning.rollout.hf import HFGenerateEngine
@@ -59,7 +60,7 @@ from diva_lightning.training.precision import MasterWeightAdamW, check_precision
 log = logging.getLogger(__name__)
 
 MAX_LEVEL = 10  # per-level validation metrics are kept for intrinsic levels 1..MAX_LEVEL
-# The authors' image budget (official-diva.md): a real Qwen2.5-VL processor would allow 12.8 MP per image.
+# The authors' image budget (official-diva.md): a stock Qwen2.5-VL processor would allow 12.8 MP per image.
 AUTHORS_PIXELS = (262_144, 1_048_576)
 EMBEDDED_POLICIES = ("artifacts/base_policy",)  # config values naming the embedded base policy
 
@@ -164,11 +165,12 @@ class DivaGRPOModule(pl.LightningModule):
     def is_embedded(self) -> bool:
         return self.policy_path in EMBEDDED_POLICIES
 
-    def pixel_budget(self) -> tuple[int | None, int | None]:
-        """(min, max) pixels per image: configured, else the authors' for a real model, the checkpoint's for the
-        embedded policy."""
+    def pixel_budget(self, spec: VisionSpec) -> tuple[int, int]:
+        """(min, max) pixels per image for a checkpoint whose processor has ``spec``: the configured values, else
+        "auto": the authors' 262,144 .. 1,048,576 for a checkpoint that allows more than 1,048,576 (a stock
+        Qwen2.5-VL processor allows 12.8 MP), the checkpoint's own budget otherwise (the embedded policy)."""
         cfg = self.policy_cfg
-        auto = (None, None) if self.is_embedded else AUTHORS_PIXELS
+        auto = AUTHORS_PIXELS if spec.max_pixels > AUTHORS_PIXELS[1] else (spec.min_pixels, spec.max_pixels)
         return (cfg.min_pixels if cfg.min_pixels is not None else auto[0],
                 cfg.max_pixels if cfg.max_pixels is not None else auto[1])
 
@@ -182,12 +184,7 @@ class DivaGRPOModule(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         """Start-up checks that need the Trainer (strategy, precision): all problems in one message."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        problems = []
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            problems.append("trainer.strategy fsdp (FSDP1) is not supported: shard with FSDP2 by stacking "
-                            "--config experiments/fsdp.yaml (Lightning's ModelParallelStrategy)")
+        problems = sharding.check_strategy(self.trainer.strategy)
         precision = str(self.trainer.precision)
         problems += check_precision(self.policy_cfg.dtype, precision, sharded=self.sharded)
         if problems:
@@ -195,9 +192,11 @@ class DivaGRPOModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ model
     def _load(self) -> PolicyBundle:
-        lo, hi = self.pixel_budget()
-        return load_policy(self.policy_path, dtype=self.policy_cfg.dtype, prompt=self.prompt,
-                           attn_implementation=self.policy_cfg.attn_implementation, min_pixels=lo, max_pixels=hi)
+        bundle = load_policy(self.policy_path, dtype=self.policy_cfg.dtype, prompt=self.prompt,
+                             attn_implementation=self.policy_cfg.attn_implementation)
+        lo, hi = self.pixel_budget(bundle.vision_spec)
+        bundle.set_pixel_budget(min_pixels=lo, max_pixels=hi)
+        return bundle
 
     def _compute_dtype(self) -> torch.dtype | None:
         """The FSDP2 all-gather dtype: bf16 under bf16-mixed precision, else the stored dtype."""

@@ -23,6 +23,7 @@ OVERLAYS = {
     "no_gl_balance": REPO / "experiments/ablate/no_gl_balance.yaml",
 }
 GRPO_N5 = REPO / "experiments/grpo_n5.yaml"  # stacked on grpo.yaml
+FSDP = REPO / "experiments/fsdp.yaml"  # a sharding overlay for any job
 # What each overlay may change relative to full.yaml (besides the logger's experiment name).
 EXPECTED_DIFF = {
     "grpo": {"model.init_args.num_generations", "model.init_args.advantage", "data.init_args.num_variants",
@@ -114,6 +115,19 @@ def test_grpo_n5_keeps_the_budget_at_divas_group_size(tmp_path: Path) -> None:
     assert isinstance(cli.model.advantage, GRPOAdvantage) and cli.datamodule.num_variants == 0
 
 
+def test_fsdp_overlay_shards_and_changes_nothing_else(tmp_path: Path) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    full = _resolved(_cli(FULL, tmp_path=tmp_path))
+    cli = _cli(FULL, FSDP, tmp_path=tmp_path)
+    over = _resolved(cli)
+    changed = {k for k in set(full) | set(over) if full.get(k) != over.get(k)}
+    assert all(k == "trainer.devices" or k.startswith("trainer.strategy") for k in changed), changed
+    assert isinstance(cli.trainer.strategy, ModelParallelStrategy) and cli.trainer.num_devices == 2
+    assert over["trainer.strategy.init_args.data_parallel_size"] == 2
+    assert over["trainer.strategy.init_args.tensor_parallel_size"] == 1
+
+
 def test_warmup_config_parses(tmp_path: Path) -> None:
     from diva_lightning.warmup import SFTDataModule, SFTModule, WarmupCLI
 
@@ -125,7 +139,7 @@ def test_warmup_config_parses(tmp_path: Path) -> None:
 
 def test_every_shipped_yaml_is_covered() -> None:
     shipped = {p.resolve() for p in (REPO / "experiments").rglob("*.yaml")}
-    covered = {FULL.resolve(), GRPO_N5.resolve(), (REPO / "experiments/warmup.yaml").resolve()}
+    covered = {FULL.resolve(), GRPO_N5.resolve(), FSDP.resolve(), (REPO / "experiments/warmup.yaml").resolve()}
     covered |= {p.resolve() for p in OVERLAYS.values()}
     assert shipped == covered, f"untested configs: {sorted(map(str, shipped - covered))}"
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -49,33 +50,42 @@ class Rollout:
         return self.completion_mask.sum(dim=1)
 
 
-@runtime_checkable
-class RolloutEngine(Protocol):
+class RolloutEngine(ABC):
     """Samples ``num_generations`` responses for each encoded prompt, and keeps training on-policy.
 
-    The contract with the training system (issue 11 item 3):
+    A base class rather than a Protocol: jsonargparse resolves ``class_path`` against it, so a user's engine is one
+    subclass and one config line away. The contract with the training system (issue 11 item 3):
 
     - ``samples_from_module``: True when the engine samples from the trained module itself (HF ``generate``):
       the weights it samples with are always the current ones. Only then may the trainer take old log-probs
       equal to the current ones in a single-step round. Otherwise (vLLM holds its own copy of the weights) the
       trainer re-scores old log-probs before the first update, and ``Rollout.old_logp`` holds the *engine's*
-      log-probs, used for the optional importance-sampling correction.
+      log-probs, used for the optional importance-sampling correction. The safe default is False.
     - ``setup`` is called once per process when ranks and devices exist (the system's ``on_fit_start`` etc.),
       never at config parsing time.
     - ``sync_weights`` is called after every optimizer step (the engine pushes the new weights to its copy).
     - ``sleep`` / ``wake`` bracket the update, so an engine can free its memory while the trainer works.
     """
 
-    samples_from_module: bool
+    samples_from_module: bool = False
 
-    def setup(self, bundle: PolicyBundle, *, rank: int, world_size: int, seed: int, sharded: bool) -> None: ...
+    def setup(self, bundle: PolicyBundle, *, rank: int, world_size: int, seed: int, sharded: bool) -> None:
+        """Create what needs ranks and devices (default: nothing)."""
+        return None  # default: engines that need none of it
 
-    def sync_weights(self, model: torch.nn.Module) -> None: ...
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Take the trained weights after an optimizer step (default: nothing)."""
+        return None  # default: engines that need none of it
 
-    def sleep(self) -> None: ...
+    def sleep(self) -> None:
+        """Free memory during the update (default: nothing)."""
+        return None  # default: engines that need none of it
 
-    def wake(self) -> None: ...
+    def wake(self) -> None:
+        """Restore after the update (default: nothing)."""
+        return None  # default: engines that need none of it
 
+    @abstractmethod
     def generate(
         self,
         bundle: PolicyBundle,

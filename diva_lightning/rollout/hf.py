@@ -11,10 +11,10 @@ from transformers import GenerationConfig
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.models.logprobs import repeat_prompt_inputs
 from diva_lightning.models.policy import PolicyBundle
-from diva_lightning.rollout.base import Rollout, mask_after_stop
+from diva_lightning.rollout.base import Rollout, RolloutEngine, mask_after_stop
 
 
-class HFGenerateEngine:
+class HFGenerateEngine(RolloutEngine):
     """``RolloutEngine`` on ``model.generate``.
 
     Every sampling setting is passed explicitly, so a checkpoint's ``generation_config`` (Qwen ships
@@ -45,14 +45,6 @@ class HFGenerateEngine:
         self.synced = sharded and world_size > 1
         self.rank = rank
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Nothing to push: the engine samples from the trained module."""
-
-    def sleep(self) -> None:
-        """Nothing to free."""
-
-    def wake(self) -> None:
-        """Nothing to restore."""
 
     def generation_config(
         self, bundle: PolicyBundle, *, temperature: float, top_p: float, max_new_tokens: int, do_sample: bool

@@ -18,12 +18,12 @@ import torch
 from diva_lightning.models.logprobs import images_per_row
 from diva_lightning.models.policy import PolicyBundle
 from diva_lightning.models.vision import unpatchify_images
-from diva_lightning.rollout.base import Rollout, mask_after_stop
+from diva_lightning.rollout.base import Rollout, RolloutEngine, mask_after_stop
 
 _INSTALL_HINT = "VLLMEngine needs vLLM: pip install diva-lightning[vllm] on a CUDA machine"
 
 
-class VLLMEngine:
+class VLLMEngine(RolloutEngine):
     """``RolloutEngine`` on a colocated ``vllm.LLM``.
 
     Args:

@@ -138,9 +138,9 @@ class LoraConfig:
 class PolicyConfig:
     """How the policy is loaded and what of it trains: the real-model scale knobs (issue 10 item 3).
 
-    Pixel budgets: null means "auto": the authors' 262,144 .. 1,048,576 pixels per image for any checkpoint
-    but the embedded one, which keeps its own (56x56 .. 112x112); a real Qwen2.5-VL processor would otherwise
-    allow 12.8 MP per image.
+    Pixel budgets: null means "auto": the authors' 262,144 .. 1,048,576 pixels per image for a checkpoint whose
+    processor allows more than 1,048,576 (a stock Qwen2.5-VL processor allows 12.8 MP per image); a checkpoint
+    with a smaller budget of its own keeps it (the embedded policy: 56x56 .. 112x112).
     """
 
     dtype: str = "float32"

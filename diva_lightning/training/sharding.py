@@ -25,6 +25,17 @@ LAYER_LISTS = ("language_model.layers", "visual.blocks")  # module-path suffixes
 VISION_TOWER = "visual"
 
 
+def check_strategy(strategy: object) -> list[str]:
+    """Problems with a Lightning strategy for this system (FSDP1 is refused: it cannot clip our gradients and
+    crashed at the first optimizer step)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        return ["trainer.strategy fsdp (FSDP1) is not supported: shard with FSDP2 by stacking "
+                "--config experiments/fsdp.yaml (Lightning's ModelParallelStrategy)"]
+    return []
+
+
 def _named(model: nn.Module, suffix: str) -> list[nn.Module]:
     return [m for name, m in model.named_modules() if name == suffix or name.endswith("." + suffix)]
 
