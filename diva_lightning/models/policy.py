@@ -38,12 +38,14 @@ class PolicyBundle:
         tokenizer: its tokenizer, with a ChatML chat template.
         image_processor: its Qwen2-VL image processor (only settings are read; preprocessing is torch).
         prompt: the format instruction appended to every problem and the system turn (``models.prompt``).
+        source: the checkpoint directory or hub id it was loaded from (engines with their own copy reload it).
     """
 
     model: PreTrainedModel
     tokenizer: Any
     image_processor: Any
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    source: str | None = None
     vision_spec: VisionSpec = field(init=False)
 
     def __post_init__(self) -> None:
@@ -256,7 +258,7 @@ def load_policy(
     tokenizer, image_processor = load_tokenizer_and_processor(source, local_only=local_only)
     bundle = PolicyBundle(
         model=model.eval(), tokenizer=tokenizer, image_processor=image_processor,
-        prompt=prompt if prompt is not None else PromptConfig(),
+        prompt=prompt if prompt is not None else PromptConfig(), source=source,
     )
     if min_pixels is not None or max_pixels is not None:
         bundle.set_pixel_budget(min_pixels=min_pixels, max_pixels=max_pixels)

@@ -1,8 +1,9 @@
 """A callback that scores fixed completions with the live (possibly sharded) policy at the end of `fit`.
 
-Rank 0 saves {"logp": [N, T]} to `out`. Every rank takes part (the forward all-gathers FSDP shards). The inputs
-are the first world validation questions with fixed completion tokens, so a test can score the same inputs
-with the exported policy and compare.
+Rank 0 saves {"logp": [N, T], "vllm_weights": {name: tensor}} to `out`; the latter is what a vLLM engine would
+be sent (full tensors gathered from the shards, checkpoint names). Every rank takes part (the forward
+all-gathers FSDP shards). The inputs are the first world validation questions with fixed completion tokens, so a
+test can score the same inputs with the exported policy and compare.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from diva_lightning.data.schema import decode_image
 from diva_lightning.data.world import generate_world
 from diva_lightning.models.logprobs import completion_logprobs
+from diva_lightning.rollout.vllm import vllm_weights
 
 
 def probe_inputs(bundle: Any, n: int = 3) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -45,5 +47,7 @@ class LogpProbe(pl.Callback):
         pl_module.policy.eval()
         with torch.no_grad():
             logp, _ = completion_logprobs(pl_module.policy, inputs, completion.to(device), mask.to(device))
+        # the weights a vLLM engine would receive, gathered from the shards (collective: every rank iterates)
+        weights = {name: tensor.cpu() for name, tensor in vllm_weights(pl_module.policy)}
         if trainer.global_rank == 0:
-            torch.save({"logp": logp.cpu()}, self.out)
+            torch.save({"logp": logp.cpu(), "vllm_weights": weights}, self.out)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.policy import load_policy
+from diva_lightning.rollout.vllm import vllm_weight_name
 from tests.helpers.logp_probe import probe_inputs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,7 +91,13 @@ def test_two_sharded_processes_train_like_one(tiny_policy_dir: str, tmp_path: Pa
     inputs, completion, mask = probe_inputs(bundle)
     with torch.no_grad():
         logp, _ = completion_logprobs(bundle.model, inputs, completion, mask)
-    torch.testing.assert_close(logp, torch.load(tmp_path / "probe.pt")["logp"], atol=1e-5, rtol=1e-5)
+    probe = torch.load(tmp_path / "probe.pt")
+    torch.testing.assert_close(logp, probe["logp"], atol=1e-5, rtol=1e-5)
+    # the weight iterator a vLLM engine is synced with gathers every full tensor, under checkpoint names
+    sent = probe["vllm_weights"]
+    assert set(sent) == {vllm_weight_name(k) for k in wb} and "model.layers.0.mlp.up_proj.weight" in sent
+    for name, tensor in wb.items():
+        assert torch.equal(sent[vllm_weight_name(name)], tensor), name
 
 
 def test_sharded_resume_equals_uninterrupted(tiny_policy_dir: str, tmp_path: Path) -> None:
