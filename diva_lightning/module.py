@@ -335,6 +335,9 @@ class DivaGRPOModule(pl.LightningModule):
             self.log(f"data/variant_fallbacks/{kind}", float(count), on_step=True, on_epoch=False, batch_size=n)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         self.log("reward", rewards.mean(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        if roll.finished is not None:  # TRL's name: responses cut at max_new_tokens
+            clipped = (~roll.finished).float().mean()
+            self.log("completions/clipped_ratio", clipped, on_step=True, on_epoch=False, batch_size=n)
         return {
             "rewards": rewards.detach(),
             "accuracy": accuracy.detach(),
@@ -347,6 +350,7 @@ class DivaGRPOModule(pl.LightningModule):
             "difficulty": labels,
             "question_ids": [batch.question_ids[i] for i in prompt_ids.tolist()],
             "completion_lengths": roll.completion_mask.sum(-1),
+            "truncated": ~roll.finished.to(self.device) if roll.finished is not None else None,
             "advantages": advantages.detach(),
             "timings": timings,
         }

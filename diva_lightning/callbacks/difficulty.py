@@ -9,6 +9,8 @@ Usable in any Lightning project. The contract:
   the correctness term, not a shaped reward. With `statistic="reward"` (the authors' code) it reads
   `"question_ids"` with `"rewards"` (tensor [N] in [0, 1], the combined 0.9 accuracy + 0.1 format reward) and
   the family's mean reward is alpha; `"difficulty_stats"` is not used then.
+- **Seeding.** If the data module has `initial_difficulties()` (question id -> starting D, e.g. the records' own
+  `difficulty`), those ids start there instead of at `initial`.
 - **Output.** `callback.table` (a `DifficultyTable`). In `setup` the table is attached to
   `trainer.datamodule.difficulty_table` and `pl_module.difficulty_table` when those attributes exist, so a data
   pipeline can read the live difficulties.
@@ -133,9 +135,17 @@ class DifficultyCallback(Callback):
     # ---------------------------------------------------------------------------------------------- wiring
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for owner in (getattr(trainer, "datamodule", None), pl_module):
+        datamodule = getattr(trainer, "datamodule", None)
+        for owner in (datamodule, pl_module):
             if owner is not None and hasattr(owner, "difficulty_table"):
                 owner.difficulty_table = self.table
+        # A data module that knows its questions' starting difficulties seeds the table (a resumed run's
+        # checkpointed table is loaded after setup and replaces these).
+        initial = getattr(datamodule, "initial_difficulties", None)
+        if callable(initial):
+            seeded = self.table.seed(initial())
+            if seeded:
+                log.info("DifficultyCallback: %d questions start at their record's own difficulty", seeded)
 
     # ---------------------------------------------------------------------------------------------- update
     @override

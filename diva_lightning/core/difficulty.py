@@ -16,7 +16,7 @@ cadence), and merges per-rank statistics deterministically so all ranks hold the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -169,6 +169,22 @@ class DifficultyTable:
             raise ValueError(
                 f"initial ({self.initial}) must lie in [d_min, d_max] = [{self.d_min}, {self.d_max}]"
             )
+
+    # ---- seeding -------------------------------------------------------------------------------
+    def seed(self, values: Mapping[str, float]) -> int:
+        """Give ids that have no value yet a starting difficulty (a record's own ``difficulty``).
+
+        Ids already stored keep theirs (a resumed run's table wins). Returns the number of ids seeded.
+
+        Raises:
+            ValueError: a value outside [d_min, d_max] or not finite (ids listed).
+        """
+        bad = [q for q, v in values.items() if not (math.isfinite(v) and self.d_min <= v <= self.d_max)]
+        if bad:
+            raise ValueError(f"seed difficulties outside [{self.d_min}, {self.d_max}] for ids {bad[:10]}")
+        new = {str(q): float(v) for q, v in values.items() if str(q) not in self._values}
+        self._values.update(new)
+        return len(new)
 
     # ---- reading -------------------------------------------------------------------------------
     def lookup(self, ids: Sequence[str]) -> Tensor:

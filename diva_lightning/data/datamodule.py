@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from diva_lightning.data.schema import QuestionRecord, decode_image, load_record
 from diva_lightning.data.world import generate_world
 
 log = logging.getLogger(__name__)
+DEFAULT_DIFFICULTY = next(f.default for f in fields(QuestionRecord) if f.name == "difficulty")  # a record without one
 
 
 @dataclass
@@ -207,6 +208,11 @@ class DivaDataModule(pl.LightningDataModule):
             self.val_records = self._load(self.val_source, "val", self.world.val_size)
         if stage == "test" and not self.test_records:
             self.test_records = self._load(self.test_source, "test", self.world.test_size)
+
+    def initial_difficulties(self) -> dict[str, float]:
+        """Starting difficulties of the training questions whose record sets one (other than the default 5):
+        `DifficultyCallback` seeds its table with them (docs/data.md: a record's `difficulty` is its initial D)."""
+        return {r.id: r.difficulty for r in self.train_records if r.difficulty != DEFAULT_DIFFICULTY}
 
     @property
     def _world_size(self) -> int:

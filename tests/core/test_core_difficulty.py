@@ -244,3 +244,12 @@ def test_load_state_dict_tolerates_missing_keys() -> None:
     assert table.pending_stats().ids == ()
     table.load_state_dict({})
     assert len(table) == 0
+
+
+def test_seed_sets_only_unknown_ids_and_checks_the_range() -> None:
+    table = DifficultyTable()
+    table.update(["a"], torch.tensor([1.0]), torch.tensor([1.0]))  # 5 + 4 * (0.5 - 1) = 3
+    assert table.seed({"a": 9.0, "b": 7.0}) == 1
+    assert table.lookup(["a", "b", "c"]).tolist() == [3.0, 7.0, 5.0]
+    with pytest.raises(ValueError, match=r"outside \[1.0, 9.0\] for ids \['x'\]"):
+        table.seed({"x": 10.0})

@@ -100,3 +100,26 @@ def test_datamodule_counts_fallbacks_by_kind_and_warns_once(tmp_path: object, ca
     warned = [r for r in caplog.records if "cannot be built" in r.getMessage()]
     assert len(warned) == 2 and {"'q0'" in w.getMessage() or "'q1'" in w.getMessage() for w in warned} == {True}
     assert dm.fallbacks == 8
+
+
+def test_records_own_difficulty_seeds_the_table(tmp_path: object) -> None:
+    """docs/data.md promises a record's `difficulty` is its initial D; every question used to start at 5."""
+    import lightning.pytorch as pl
+
+    from diva_lightning.callbacks import DifficultyCallback
+    from diva_lightning.data.schema import write_records
+
+    records = [_bare(id="easy", difficulty=2.0), _bare(id="hard", difficulty=8.5), _bare(id="plain")]
+    path = write_records(records, tmp_path / "d.jsonl")  # type: ignore[operator]
+    dm = DivaDataModule(train_source=str(path), val_source=str(path), test_source=None, questions_per_step=1)
+    dm.setup("fit")
+    assert dm.initial_difficulties() == {"easy": 2.0, "hard": 8.5}
+    callback = DifficultyCallback(initial=5.0)
+    trainer = pl.Trainer(callbacks=[callback], logger=False, enable_checkpointing=False)
+    trainer.datamodule = dm  # what Trainer.fit attaches before the setup hooks
+    callback.setup(trainer, pl.LightningModule(), "fit")
+    assert dm.difficulty_table is callback.table
+    assert callback.table.lookup(["easy", "hard", "plain"]).tolist() == [2.0, 8.5, 5.0]
+    callback.table.update(["easy"], torch.tensor([0.0]), torch.tensor([1.0]))  # 2 + 4 * 0.5 = 4
+    callback.table.seed(dm.initial_difficulties())  # seeding never overwrites a value the run has learned
+    assert callback.table.lookup(["easy"]).tolist() == [4.0]
