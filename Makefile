@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup run test test-slow test-all lint bench clean
+.PHONY: setup run test test-slow test-all lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py
+
+# One DIVA round at 3B scale on one CUDA GPU (FSDP2, bf16-mixed): docs/gpu.md. Runs with the machine's own python
+# (a GPU machine has torch/lightning/transformers; carry kornia, optuna, math-verify, wandb as wheels).
+GPU_PY ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs artifacts .pytest_cache
