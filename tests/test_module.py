@@ -140,3 +140,38 @@ def test_sampling_config_errors_name_the_field() -> None:
         DivaGRPOModule(val_sampling=SamplingConfig(temperature=0.6, num_samples=0))
     with pytest.raises(ValueError, match=r"train_sampling.num_samples must stay 1"):
         DivaGRPOModule(train_sampling=SamplingConfig(num_samples=4))
+
+
+def test_every_setting_is_checked_when_the_system_is_built() -> None:
+    """Issue 11: loss settings used to be validated only after the first rollout. Now all problems, one message."""
+    from diva_lightning.models.prompt import PromptConfig
+    from diva_lightning.module import CorrectionConfig, DivaGRPOModule, LossConfig, PolicyConfig
+
+    with pytest.raises(ValueError) as err:
+        DivaGRPOModule(
+            loss=LossConfig(agg="mean", kl_type="k9", ratio_level="word"),
+            rollout_correction=CorrectionConfig(mode="drop", cap=0.5),
+            policy_config=PolicyConfig(dtype="float16", prompt_overflow="truncate"),
+            prompt=PromptConfig(instruction="  "), ppo_epochs=0, micro_batch_size=0,
+        )
+    for part in ("loss.agg", "loss.kl_type", "loss.ratio_level", "rollout_correction.mode", "rollout_correction.cap",
+                 "policy_config.dtype", "policy_config.prompt_overflow", "prompt.instruction", "ppo_epochs",
+                 "micro_batch_size"):
+        assert part in str(err.value), part
+
+
+def test_fallbacks_are_logged_per_kind(tiny_policy_dir: str, tmp_path: Path) -> None:
+    """Records without variants or think steps: every planned variant is a counted, logged fallback."""
+    from diva_lightning.data.schema import QuestionRecord, write_records
+
+    data = write_records([QuestionRecord(id=f"q{i}", problem=f"What is {i} + 1?", answer=str(i + 1))
+                          for i in range(8)], tmp_path / "bare.jsonl")
+    args = small_args(tiny_policy_dir, tmp_path, "--data.init_args.train_source", str(data),
+                      "--data.init_args.val_source", str(data), "--data.init_args.test_source", "null", steps=2)
+    cli = run_cli(args)
+    with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("reward")]
+    # every question starts at D = 5 (medium): its variant is a paraphrase, which these records cannot provide
+    assert [float(r["data/variant_fallbacks/paraphrase"]) for r in rows] == [2.0, 2.0]
+    out = _recorder(cli.trainer).outputs[0]
+    assert out["kind"].tolist() == [0] * 12  # all prompts are originals, labelled as such
