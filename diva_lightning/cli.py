@@ -11,11 +11,13 @@ built first by running the warm-up recipe (printed, with progress) and then cach
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from diva_lightning.data.datamodule import DivaDataModule
@@ -74,13 +76,22 @@ class DivaCLI(LightningCLI):
         if isinstance(model, DivaGRPOModule) and model.is_embedded and cfg.get("build_base_policy", True):
             ensure_base_policy(model.policy_path, cfg.get("base_policy_recipe", WARMUP_RECIPE))
 
+    def before_instantiate_classes(self) -> None:
+        _STATE["training"] = False
+
+    def _mark_start(self) -> None:
+        self.trainer.callbacks.append(_TrainingStarted())
+
     def before_fit(self) -> None:
+        self._mark_start()
         self._bootstrap()
 
     def before_validate(self) -> None:
+        self._mark_start()
         self._bootstrap()
 
     def before_test(self) -> None:
+        self._mark_start()
         self._bootstrap()
 
     def after_fit(self) -> None:
@@ -123,7 +134,60 @@ def run_cli(args: list[str] | None = None, **kwargs: Any) -> DivaCLI:
     )
 
 
+class _TrainingStarted(Callback):
+    """Marks the moment a loop starts: errors before it are start-up errors, reported in one line."""
+
+    def _started(self, *args: Any) -> None:
+        _STATE["training"] = True
+
+    on_train_start = on_validation_start = on_test_start = on_predict_start = _started
+
+
+_STATE = {"training": False}
+TRACEBACK_ENV = "DIVA_LIGHTNING_TRACEBACK"
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """The exception and its causes, outermost first."""
+    out: list[BaseException] = []
+    while err is not None and all(err is not e for e in out):
+        out.append(err)
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return out
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is in this package (one of our checks raised it)."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "diva_lightning" in Path(tb.tb_frame.f_code.co_filename).parts
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The exception to report: the outermost one a check of ours raised (under jsonargparse's wrappers, over
+    the library error it explains), else the innermost."""
+    chain = _chain(err)
+    return next((e for e in chain if _raised_here(e)), chain[-1])
+
+
+def startup_error_summary(err: BaseException) -> str:
+    """One line (plus the problem list of a record file) naming what is wrong, for errors before training."""
+    root = _root_cause(err)
+    text = str(root).strip() or type(root).__name__
+    lines = text.splitlines()
+    if len(lines) > 41:
+        lines = [*lines[:40], f"... and {len(lines) - 40} more lines"]
+    return f"diva-lightning: {type(root).__name__}: " + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`python -m diva_lightning SUBCOMMAND ...`. Errors before training starts (configuration, data, policy
+    path) print one summary line instead of jsonargparse's chained tracebacks (exit code 2); set
+    DIVA_LIGHTNING_TRACEBACK=1 for the traceback. Errors during training keep theirs."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "warmup":
         from diva_lightning.warmup import warmup_main
@@ -135,4 +199,13 @@ def main(argv: list[str] | None = None) -> None:
 
         score_main(argv[1:])
         return
-    run_cli(argv)
+    _STATE["training"] = False
+    try:
+        # args=None lets LightningCLI read sys.argv itself (passing both made it warn on every command)
+        run_cli(None if from_command_line else argv)
+    except Exception as err:
+        if _STATE["training"] or os.environ.get(TRACEBACK_ENV):
+            raise
+        print(startup_error_summary(err), file=sys.stderr)
+        print(f"  (for the full traceback set {TRACEBACK_ENV}=1)", file=sys.stderr)
+        raise SystemExit(2) from None
