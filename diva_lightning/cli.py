@@ -133,4 +133,9 @@ def main(argv: list[str] | None = None) -> None:
 
         warmup_main(argv[1:])
         return
+    if argv and argv[0] == "augment":
+        from diva_lightning.teacher.augment import augment_main
+
+        augment_main(argv[1:])
+        return
     run_cli(argv)
