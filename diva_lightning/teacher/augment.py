@@ -145,6 +145,15 @@ def run_augment(records: Sequence[QuestionRecord], source_dir: str | Path, outpu
     return writer
 
 
+def resolve_teacher(teacher: Teacher | str) -> Teacher:
+    """``--teacher``'s value: a teacher component as given, or a checkpoint path / hub id for the HF teacher."""
+    if isinstance(teacher, Teacher):
+        return teacher
+    from diva_lightning.teacher.hf import HFTeacher
+
+    return HFTeacher(teacher)
+
+
 def augment_main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m diva_lightning augment`` (see the module docstring and ``--help``)."""
     parser = build_parser()
@@ -159,12 +168,7 @@ def augment_main(argv: list[str] | None = None) -> None:
     if report.skipped:
         print(f"[augment] {cfg.data}: skipped {report.skipped} bad row(s) of {report.rows}", flush=True)
     records = select(records, cfg.ids, cfg.limit)
-    init = parser.instantiate(cfg)
-    teacher = init.teacher
-    if isinstance(teacher, str):
-        from diva_lightning.teacher.hf import HFTeacher
-
-        teacher = HFTeacher(teacher)
+    teacher = resolve_teacher(parser.instantiate(cfg).teacher)
     writer = run_augment(records, Path(cfg.data).parent, cfg.output, teacher, settings, seed=cfg.seed,
                          batch_size=cfg.batch_size, progress=cfg.progress)
     print(f"\n[augment] {writer.path}: {len(writer.provenance)} rows\n{format_table(writer.provenance)}", flush=True)

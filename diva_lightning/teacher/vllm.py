@@ -35,15 +35,16 @@ def png_data_url(image: torch.Tensor) -> str:
 def chat_messages(request: Request, system: str | None = None) -> list[dict[str, Any]]:
     """The request as OpenAI-style chat messages.
 
-    With images, each user turn is split at its ``<image>`` tags into text and ``image_url`` parts (the
-    k-th tag of the conversation gets ``request.images[k]``); text-only requests keep the tags as text.
+    With images, each user turn that holds ``<image>`` tags is split at them into text and ``image_url`` parts
+    (the k-th tag of the conversation gets ``request.images[k]``); other turns are plain strings, and
+    text-only requests keep their tags as text.
     """
     messages: list[dict[str, Any]] = []
     if system is not None:
         messages.append({"role": "system", "content": system})
     images = iter(request.images)
     for role, text in request.turns:
-        if role != "user" or not request.images:
+        if role != "user" or not request.images or IMAGE_TAG not in text:
             messages.append({"role": role, "content": text})
             continue
         pieces = text.split(IMAGE_TAG)
