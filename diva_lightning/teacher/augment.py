@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from tqdm import tqdm
@@ -36,8 +36,9 @@ _RUN_KEYS = ("teacher", "teacher_class", "prompt_version", "sampling", "settings
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m diva_lightning augment", description=__doc__.split("\n\n")[0],
-                       default_env=False)
+    p = ArgumentParser(prog="python -m diva_lightning augment", default_env=False,
+                       description="Fill variants and think_steps of a record file with a local teacher "
+                                   "(docs/teacher.md).")
     p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options.")
     p.add_argument("--data", type=str, required=True, help="Input records (.jsonl or .parquet).")
     p.add_argument("--output", type=str, required=True,
@@ -46,7 +47,7 @@ def build_parser() -> ArgumentParser:
                    help="A checkpoint path or hub id (the HF teacher), or a teacher class_path: "
                         "diva_lightning.teacher.HFTeacher, VLLMTeacher, WorldTeacher.")
     p.add_argument("--k", type=int, default=5, help="Paraphrases wanted per question.")
-    p.add_argument("--only", type=str | None, default=None, choices=[*TASKS, None],
+    p.add_argument("--only", type=Literal["variants", "think_steps"] | None, default=None,
                    help="Make only 'variants' or only 'think_steps' (default: both).")
     p.add_argument("--attempts", type=int, default=1,
                    help="Rounds of asking; later rounds ask only for what is still missing.")
@@ -62,7 +63,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--limit", type=int | None, default=None, help="Only the first N selected questions.")
     p.add_argument("--ids", type=str | None, default=None,
                    help="Only these ids: comma-separated, or a file with one id per line.")
-    p.add_argument("--on-error", type=str, default="raise", choices=["raise", "skip"],
+    p.add_argument("--on-error", type=Literal["raise", "skip"], default="raise",
                    help="Bad input rows: fail listing all problems (raise) or skip and count them (skip).")
     p.add_argument("--progress", action=ActionYesNo(no_prefix="no-"), default=True,
                    help="Show a progress bar on stderr (--no-progress: none).")
@@ -106,7 +107,7 @@ def _check_compatible(writer: AugmentWriter, run: dict[str, Any]) -> None:
 
 def run_augment(records: Sequence[QuestionRecord], source_dir: str | Path, output: str | Path, teacher: Teacher,
                 settings: AugmentSettings, *, seed: int = 0, batch_size: int = 8, progress: bool = True,
-                log: Any = print) -> AugmentWriter:
+                log: Callable[[str], object] = print) -> AugmentWriter:
     """Augment ``records`` into ``output`` (resuming it); returns the writer (its ``provenance`` has every row)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

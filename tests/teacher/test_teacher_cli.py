@@ -14,6 +14,7 @@ from diva_lightning.cli import main, run_cli
 from diva_lightning.data.schema import load_records_with_report
 from diva_lightning.data.world import generate_world, render_tensor, write_world
 from diva_lightning.teacher import Request, VLLMTeacher
+from diva_lightning.teacher.augment import select
 from diva_lightning.teacher.vllm import chat_messages
 from tests.test_module import small_args
 
@@ -60,6 +61,15 @@ def test_authors_parquet_in_jsonl_out(tmp_path: Path) -> None:
         assert after.meta["augment"]["counts"]["think_steps"] == {"kept": 0, "rejected": {}}
 
 
+def test_select_by_id_file_and_limit(tmp_path: Path) -> None:
+    records = generate_world(5, seed=2, split="train")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("world-train-s2-000003\n\nworld-train-s2-000000\n")
+    assert [r.id for r in select(records, str(ids), None)] == ["world-train-s2-000000", "world-train-s2-000003"]
+    assert [r.id for r in select(records, None, 2)] == ["world-train-s2-000000", "world-train-s2-000001"]
+    assert select(records, "world-train-s2-000004", 0) == []
+
+
 def test_bad_invocations_fail_clearly(tmp_path: Path) -> None:
     data = _plain(tmp_path, 2)
     with pytest.raises(SystemExit):
@@ -92,19 +102,15 @@ def test_vllm_teacher_messages_and_missing_extra() -> None:
 
 
 @pytest.mark.slow
-def test_world_teacher_records_train(tmp_path: Path) -> None:
+def test_world_teacher_records_train(tiny_policy_dir: str, tmp_path: Path) -> None:
     """Plain world questions -> augment (world teacher) -> a short real `fit` on the file. The plain file's
     planned paraphrases fall back to the original; the augmented file's do not."""
-    from diva_lightning.data.world import world_corpus
-    from diva_lightning.models.tiny import build_tiny_policy
-
     data = _plain(tmp_path, 16)
     out = tmp_path / "aug.jsonl"
     main(["augment", "--data", str(data), "--output", str(out), "--teacher", "WorldTeacher", "--no-progress"])
-    policy = build_tiny_policy(tmp_path / "policy", world_corpus(generate_world(300, seed=0, split="train")), seed=0)
 
     def fit(source: Path) -> Any:
-        return run_cli(small_args(str(policy), tmp_path / source.stem, "--data.init_args.train_source", str(source),
+        return run_cli(small_args(tiny_policy_dir, tmp_path / source.stem, "--data.init_args.train_source", str(source),
                                   "--data.init_args.val_source", str(source), steps=3))
 
     cli = fit(out)
