@@ -121,6 +121,15 @@ def _steps_turns(record: QuestionRecord, s: AugmentSettings) -> tuple[tuple[Any,
     return (("user", steps_prompt(record.problem, min_steps=s.min_steps, max_steps=s.max_steps)),)
 
 
+def _ask(teacher: Teacher, requests: list[Request], seed: int) -> list[str]:
+    if not requests:
+        return []
+    replies = teacher.complete(requests, seed=seed)
+    if len(replies) != len(requests):
+        raise RuntimeError(f"{type(teacher).__name__} returned {len(replies)} replies for {len(requests)} requests")
+    return replies
+
+
 def augment_batch(teacher: Teacher, records: Sequence[QuestionRecord], images: Sequence[Sequence[torch.Tensor]],
                   settings: AugmentSettings, *, seed: int) -> list[RowResult]:
     """Run the teacher over one batch. ``images[i]`` are record ``i``'s decoded images ([3, H, W] in [0, 1])."""
@@ -137,7 +146,7 @@ def augment_batch(teacher: Teacher, records: Sequence[QuestionRecord], images: S
                                                                     settings.k - len(results[i].variants))),),
                          (), records[i], count=settings.k - len(results[i].variants)) for i in want_var]
         first += [Request("steps", _steps_turns(records[i], settings), imgs[i], records[i]) for i in want_steps]
-        replies = teacher.complete(first, seed=derive_seed(seed, attempt, "turn1"))
+        replies = _ask(teacher, first, derive_seed(seed, attempt, "turn1"))
         var_replies, step_replies = replies[:len(want_var)], replies[len(want_var):]
 
         pending: list[tuple[int, str]] = []  # (row, paraphrase) that passed the text checks
@@ -151,7 +160,7 @@ def augment_batch(teacher: Teacher, records: Sequence[QuestionRecord], images: S
         if settings.verify_paraphrases:
             second += [Request("solve", (("user", solve_prompt(text)),), imgs[i], records[i], problem=text)
                        for i, text in pending]
-        replies = teacher.complete(second, seed=derive_seed(seed, attempt, "turn2")) if second else []
+        replies = _ask(teacher, second, derive_seed(seed, attempt, "turn2"))
         for i, reply in zip(want_steps, replies[:len(want_steps)]):
             _check_steps(results[i], reply, settings)
         verdicts = replies[len(want_steps):] if settings.verify_paraphrases else [None] * len(pending)
