@@ -11,6 +11,7 @@ built first by running the warm-up recipe (printed, with progress) and then cach
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -144,6 +145,12 @@ class _TrainingStarted(Callback):
 
 
 _STATE = {"training": False}
+# Subcommands beside LightningCLI's fit/validate/test/predict: name -> "module:function(argv)" (imported on use).
+EXTRA_COMMANDS = {
+    "warmup": "diva_lightning.warmup:warmup_main",
+    "score": "diva_lightning.benchmarks.score:score_main",
+    "augment": "diva_lightning.teacher.augment:augment_main",
+}
 TRACEBACK_ENV = "DIVA_LIGHTNING_TRACEBACK"
 
 
@@ -189,15 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     DIVA_LIGHTNING_TRACEBACK=1 for the traceback. Errors during training keep theirs."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "warmup":
-        from diva_lightning.warmup import warmup_main
-
-        warmup_main(argv[1:])
-        return
-    if argv and argv[0] == "score":
-        from diva_lightning.benchmarks.score import score_main
-
-        score_main(argv[1:])
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module, _, function = EXTRA_COMMANDS[argv[0]].partition(":")
+        getattr(importlib.import_module(module), function)(argv[1:])
         return
     _STATE["training"] = False
     try:
