@@ -80,7 +80,7 @@ def other_checkpoints(path: str | os.PathLike[str]) -> list[Path]:
     found = [p for p in folder.iterdir()
              if p.suffix in CHECKPOINT_SUFFIXES and not p.name.startswith(".") and p.is_file()
              and p.resolve() != target.resolve() and p.stat().st_size > 0]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
 
 
 def describe_alternatives(path: str | os.PathLike[str]) -> str:
