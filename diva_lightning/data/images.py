@@ -18,7 +18,9 @@ whatever the bound.)
 Images are keyed by ``(data file, record id)``: the resolved path of the file a record was read from
 (:attr:`QuestionRecord.data_file`) and its id, which is unique within that file. Two files' images can
 therefore never collide, even when they share ids, and a relative image path always resolves against the
-folder of the file that names it.
+folder of the file that names it. Records built in code (no data file: the procedural world, benchmark readers)
+are told apart by their image references as well, so two sources' questions with the same id keep their own
+images.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -173,7 +175,7 @@ def record_base_dir(record: QuestionRecord) -> Path | None:
 
 class ImageStore:
     """Decoded images of records, kept as uint8 ``[3, H, W]`` (4x smaller than float) and keyed by
-    ``(record.data_file, record.id)``.
+    ``(record.data_file, record.id)`` (and the image references, see :meth:`key`).
 
     The loader fills it (each image decoded once, while it is checked); :meth:`get` decodes on a miss
     (records built in code, such as the procedural world), with the same checks.
@@ -186,11 +188,15 @@ class ImageStore:
         if max_pixels < 1:
             raise ValueError(f"ImageStore: max_pixels must be >= 1, got {max_pixels}")
         self.max_pixels = max_pixels
-        self._images: dict[tuple[str | None, str], list[Tensor]] = {}
+        self._images: dict[tuple[Any, ...], list[Tensor]] = {}
 
     @staticmethod
-    def key(record: QuestionRecord) -> tuple[str | None, str]:
-        return record.data_file, record.id
+    def key(record: QuestionRecord) -> tuple[Any, ...]:
+        """(data file, id, the image references): records built in code (no data file, e.g. two benchmark
+        readers' questions with the same id) are told apart by their images. Inline bytes enter by length and
+        ``hash`` (CPython caches a bytes object's hash, so a repeated lookup does not rehash)."""
+        refs = tuple(ref if isinstance(ref, str) else (len(ref), hash(ref)) for ref in record.images)
+        return record.data_file, record.id, refs
 
     def put(self, record: QuestionRecord, images: Sequence[Tensor]) -> None:
         """Keep a record's decoded uint8 images (one per entry of ``record.images``)."""

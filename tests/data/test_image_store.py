@@ -82,8 +82,10 @@ def test_records_built_in_code_are_decoded_on_first_use_with_the_same_checks(tmp
     (tmp_path / "p.png").write_bytes(solid_png(RED, (8, 8)))
     a = QuestionRecord("same", "<image>", "1", [solid_png(BLUE, (5, 5))])
     b = QuestionRecord("same", "<image>", "1", ["p.png"], data_file=str(tmp_path / "x.jsonl"))
+    c = QuestionRecord("same", "<image>", "1", [solid_png(GREEN, (5, 5))])  # same id, no file, other image
     assert _color(store.get(a)[0]) == BLUE and _color(store.get(b)[0]) == RED  # same id, other file
-    assert len(store) == 2 and store.nbytes == 3 * 25 + 3 * 64
+    assert _color(store.get(c)[0]) == GREEN and _color(store.get(a)[0]) == BLUE
+    assert len(store) == 3 and store.nbytes == 3 * 25 * 2 + 3 * 64
     big = QuestionRecord("big", "<image>", "1", [solid_png(RED, (20, 20))])
     with pytest.raises(ImageError, match=r"record 'big': field 'images': item 0 <\d+ inline bytes>: 20x20 = 400 "
                                          r"pixels is over the limit of 100"):
