@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,13 +162,25 @@ def _step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tmpdir_on", ["same_fs", "dev_shm"])
-def test_fit_killed_while_writing_last_ckpt_resumes(tiny_policy_dir: str, tmp_path: Path, tmpdir_on: str) -> None:
-    if tmpdir_on == "dev_shm" and not os.path.isdir("/dev/shm"):
+@pytest.fixture(params=["same_fs", "dev_shm"])
+def tmpdir_on(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """$TMPDIR for the run: on the checkpoints' filesystem, or on /dev/shm (removed afterwards)."""
+    if request.param == "same_fs":
+        (tmp_path / "tmp").mkdir()
+        yield tmp_path / "tmp"
+        return
+    if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
-    tmpdir = tmp_path / "tmp" if tmpdir_on == "same_fs" else Path("/dev/shm") / f"diva-ckpt-{os.getpid()}"
-    tmpdir.mkdir(exist_ok=True)
+    other = Path(tempfile.mkdtemp(prefix="diva-ckpt-", dir="/dev/shm"))
+    try:
+        yield other
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_fit_killed_while_writing_last_ckpt_resumes(tiny_policy_dir: str, tmp_path: Path, tmpdir_on: Path) -> None:
+    tmpdir = tmpdir_on
     ckpt_dir = tmp_path / "run" / "version_0" / "checkpoints"
     # Saves per step: epoch=0-step=N.ckpt, then last.ckpt. Save 6 is step 3's last.ckpt: stall halfway, SIGKILL.
     stall = json.dumps([{"class_path": "tests.helpers.slow_checkpoint.StallingCheckpointIO",
@@ -193,9 +208,8 @@ def test_fit_killed_while_writing_last_ckpt_resumes(tiny_policy_dir: str, tmp_pa
     # run's step-3 file is not in the resumed ModelCheckpoint's state, so it stays (harmless, complete).
     assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["epoch=0-step=3-v1.ckpt", "epoch=0-step=3.ckpt",
                                                                 "epoch=0-step=4.ckpt", "last.ckpt"]
-    if tmpdir_on == "dev_shm":
-        tmpdir.rmdir()
-        return
+    if tmpdir != tmp_path / "tmp":
+        return  # the damaged-file case below does not depend on $TMPDIR
     # A damaged file is refused by the real Trainer with its path and the alternatives, before any training step.
     # (Through `python -m diva_lightning fit --ckpt_path`, LightningCLI reads the file for its hyperparameters
     # before the Trainer does: the CLI must call verify_checkpoint first.)
