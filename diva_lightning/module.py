@@ -49,7 +49,7 @@ from diva_lightning.models.lora import apply_lora, is_lora, lora_scale, merge_lo
 from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.models.prompt import PromptConfig
 from diva_lightning.models.vision import VisionSpec
-from diva_lightning.rewards import CombinedReward
+from diva_lightning.rewards import CombinedReward, Reward
 from diva_lightning.rollout.base import RolloutEngine
 from diva_lightning.rollout.hf import HFGenerateEngine
 from diva_lightning.training import sharding
@@ -98,7 +98,7 @@ class DivaGRPOModule(pl.LightningModule):
         prompt: PromptConfig | None = None,
         policy_config: PolicyConfig | None = None,
         advantage: AdvantageEstimator | None = None,
-        reward: CombinedReward | None = None,
+        reward: Reward | None = None,
         rollout: RolloutEngine | None = None,
         num_generations: int = 5,
         train_sampling: SamplingConfig | None = None,

@@ -1,13 +1,16 @@
 """`AdvantageMonitor`: logs the GRPO/DIVA signal-health metrics of design.md section 7.
 
-Usable in any Lightning project. It reads, from the dict returned by `training_step`, per-response tensors of
-length N (missing optional keys just skip their metrics):
+Usable in any Lightning project. It reads, from the dict returned by `training_step`, one entry per response
+for N responses (missing optional keys just skip their metrics). Each may be a tensor (any device), a list or a
+numpy array, 1-D [N] or 2-D [P, G] (flattened row-major, so [P, G] means P prompts x G responses); every key must
+then hold N entries. Group ids may be ints or any hashable labels (strings), which are numbered in order of first
+appearance. Anything else (3-D, a dict, text rewards, another length) is rejected with a message naming the key.
 
 | key | shape | meaning | required |
 |---|---|---|---|
-| `rewards` | [N] float | shaped reward | yes |
-| `prompt_ids` | [N] int | local group (responses to one prompt) | yes |
-| `family_ids` | [N] int | global group (question + its variants) | no |
+| `rewards` | [N] or [P, G] float | shaped reward | yes |
+| `prompt_ids` | [N] int or labels | local group (responses to one prompt) | yes, unless `rewards` is [P, G] |
+| `family_ids` | [N] int or labels | global group (question + its variants) | no |
 | `is_original` | [N] bool | response to the unmodified question | no |
 | `accuracy`, `format` | [N] float | reward components | no |
 | `tier` | [N] int | 0 easy, 1 medium, 2 hard | no |
@@ -33,6 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
@@ -40,16 +44,59 @@ from typing_extensions import override
 from diva_lightning.core.metrics import per_group_mean, variant_rescue_rate, zero_std_fraction
 
 TIER_NAMES = ("easy", "medium", "hard")
+_NUMERIC = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+            torch.float32, torch.float64)
 KIND_NAMES = ("original", "paraphrase", "image", "hint")
+
+
+def _vector(outputs: dict[str, Any], key: str, n: int | None) -> Tensor:
+    """outputs[key] as a 1-D CPU tensor of ``n`` entries (see the module docstring for what is accepted)."""
+    value = outputs[key]
+    if isinstance(value, Tensor):
+        t = value.detach().cpu()
+    else:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is None or t.dtype not in _NUMERIC:
+            raise TypeError(f"AdvantageMonitor: outputs[{key!r}] must be a tensor, list or array of numbers, got "
+                            f"{type(value).__name__}")
+    if t.dim() > 2:
+        raise ValueError(f"AdvantageMonitor: outputs[{key!r}] must be 1-D [N] or 2-D [P, G], got shape "
+                         f"{tuple(t.shape)}")
+    t = t.reshape(-1)
+    if n is not None and t.numel() != n:
+        raise ValueError(f"AdvantageMonitor: outputs[{key!r}] has {t.numel()} entries but outputs['rewards'] has {n}: "
+                         "every key holds one entry per response")
+    return t
+
+
+def _group_ids(outputs: dict[str, Any], key: str, n: int) -> Tensor:
+    """Group labels as integer ids; non-numeric labels (e.g. question id strings) numbered by first appearance."""
+    value = outputs[key]
+    if not isinstance(value, Tensor) and isinstance(value, list | tuple) and any(isinstance(v, str) for v in value):
+        codes: dict[Any, int] = {}
+        value = [codes.setdefault(v, len(codes)) for v in value]
+        outputs = {key: value}
+    return _vector(outputs, key, n).long()
 
 
 def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
     """The metrics for one step's outputs (pure function of the outputs dict; see module docstring)."""
-    for key in ("rewards", "prompt_ids"):
-        if key not in outputs:
-            raise KeyError(f"AdvantageMonitor: training_step outputs lack required key {key!r}")
-    rewards: Tensor = outputs["rewards"].detach().double().cpu()
-    prompt_ids: Tensor = outputs["prompt_ids"].detach().cpu()
+    if "rewards" not in outputs:
+        raise KeyError("AdvantageMonitor: training_step outputs lack required key 'rewards'")
+    rewards = _vector(outputs, "rewards", None).double()
+    n = rewards.numel()
+    raw = outputs["rewards"]
+    shape = tuple(raw.shape) if isinstance(raw, Tensor) else tuple(torch.as_tensor(raw).shape)
+    if "prompt_ids" in outputs:
+        prompt_ids = _group_ids(outputs, "prompt_ids", n)
+    elif len(shape) == 2:
+        prompt_ids = torch.arange(shape[0]).repeat_interleave(shape[1])  # [P, G]: row p holds prompt p's responses
+    else:
+        raise KeyError("AdvantageMonitor: training_step outputs lack required key 'prompt_ids' (needed unless "
+                       "'rewards' is 2-D [P, G])")
     m: dict[str, float] = {
         "reward": float(rewards.mean()),
         "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
@@ -57,20 +104,19 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
     }
     for name in ("accuracy", "format"):
         if name in outputs:
-            m[f"rewards/{name}"] = float(outputs[name].detach().double().mean())
-    family = outputs.get("family_ids")
-    if family is not None:
-        family = family.detach().cpu()
+            m[f"rewards/{name}"] = float(_vector(outputs, name, n).double().mean())
+    if outputs.get("family_ids") is not None:
+        family = _group_ids(outputs, "family_ids", n)
         m["frac_family_zero_std"] = zero_std_fraction(rewards, family)
         if "is_original" in outputs:
-            rate = variant_rescue_rate(rewards, prompt_ids, family, outputs["is_original"].detach().cpu())
+            rate = variant_rescue_rate(rewards, prompt_ids, family, _vector(outputs, "is_original", n).bool())
             if rate is not None:
                 m["variant_rescue_rate"] = rate
     if "completion_lengths" in outputs:
-        m["completions/mean_length"] = float(outputs["completion_lengths"].detach().double().mean())
-    acc: Tensor | None = outputs["accuracy"].detach().cpu().double() if "accuracy" in outputs else None
+        m["completions/mean_length"] = float(_vector(outputs, "completion_lengths", n).double().mean())
+    acc: Tensor | None = _vector(outputs, "accuracy", n).double() if "accuracy" in outputs else None
     if "tier" in outputs:
-        tier = outputs["tier"].detach().cpu()
+        tier = _vector(outputs, "tier", n)
         for code, name in enumerate(TIER_NAMES):
             sel = tier == code
             m[f"tier/{name}/count"] = float(sel.sum())
@@ -79,7 +125,7 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
             if bool(sel.any()):
                 m[f"tier/{name}/frac_zero_std"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
     if "kind" in outputs:
-        kind = outputs["kind"].detach().cpu()
+        kind = _vector(outputs, "kind", n)
         for code, name in enumerate(KIND_NAMES):
             sel = kind == code
             if bool(sel.any()):
@@ -91,7 +137,7 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
                     _, means = per_group_mean(a, prompt_ids[sel])
                     m[f"kind/{name}/frac_all_correct"] = float((means == 1.0).double().mean())
     if "advantages" in outputs:
-        adv = outputs["advantages"].detach().double().cpu()
+        adv = _vector(outputs, "advantages", n).double()
         m["advantage/mean"] = float(adv.mean())
         m["advantage/std"] = float(adv.std()) if adv.numel() > 1 else 0.0
         m["advantage/abs_mean"] = float(adv.abs().mean())
@@ -128,7 +174,7 @@ class AdvantageMonitor(Callback):
         if batch_idx % self.log_every_n_steps or not isinstance(outputs, dict):
             return
         metrics = {self.prefix + k: v for k, v in monitor_metrics(outputs).items()}
-        n = int(outputs["rewards"].numel())
+        n = int(_vector(outputs, "rewards", None).numel())
         if trainer.world_size == 1:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
             return

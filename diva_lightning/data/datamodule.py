@@ -32,9 +32,10 @@ from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.core.tiers import IMAGE_OPS
 from diva_lightning.data.batch import KIND_CODES, TIER_CODES, FamilyBatch, QuestionBatch
+from diva_lightning.data.images import ImageStore
 from diva_lightning.data.perturb import PerturbParams, perturb_images
 from diva_lightning.data.planner import PlanSettings, plan_families
-from diva_lightning.data.schema import QuestionRecord, decode_image, load_records
+from diva_lightning.data.schema import QuestionRecord, load_records_with_report
 from diva_lightning.data.world import generate_world
 
 log = logging.getLogger(__name__)
@@ -55,20 +56,6 @@ class WorldConfig:
     """Seed of the world generator (independent of the training seed)."""
 
 
-
-
-class _ImageCache:
-    """Decodes each record's images once and keeps them as uint8 (4x smaller than float)."""
-
-    def __init__(self, base_dir: Path | None) -> None:
-        self.base_dir = base_dir
-        self._cache: dict[str, list[Tensor]] = {}
-
-    def get(self, record: QuestionRecord) -> list[Tensor]:
-        if record.id not in self._cache:
-            imgs = [decode_image(ref, self.base_dir) for ref in record.images]
-            self._cache[record.id] = [(img * 255).round().to(torch.uint8) for img in imgs]
-        return [img.to(torch.float32) / 255.0 for img in self._cache[record.id]]
 
 
 class _TrainStream(IterableDataset[QuestionBatch]):
@@ -173,7 +160,7 @@ class DivaDataModule(pl.LightningDataModule):
         self.train_records: list[QuestionRecord] = []
         self.val_records: list[QuestionRecord] = []
         self.test_records: list[QuestionRecord] = []
-        self.images = _ImageCache(None)
+        self.images = ImageStore()  # decoded images, keyed by (data file, record id)
         self.fallbacks = 0  # variants that could not be built as planned (e.g. no paraphrases): counted, logged
         self._warned_fallback: set[str] = set()  # questions whose fallback was already warned about
 
@@ -186,8 +173,11 @@ class DivaDataModule(pl.LightningDataModule):
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"DivaDataModule: {split} source {source!r} does not exist")
-        self.images.base_dir = path.parent
-        return load_records(path, on_error=self.on_error)
+        # Every image is decoded and checked here, once, into the store; relative paths resolve against the
+        # folder of their own file.
+        records, report = load_records_with_report(path, on_error=self.on_error, images=self.images)
+        log.info("DIVA data (%s): %s", split, report.summary())
+        return records
 
     @override
     def setup(self, stage: str) -> None:

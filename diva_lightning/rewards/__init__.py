@@ -6,8 +6,10 @@ contract of a user-supplied reward function.
 
 from diva_lightning.rewards.accuracy import accuracy_reward, choice_letter, last_boxed
 from diva_lightning.rewards.format import format_reward
+from diva_lightning.rewards.function import FunctionReward
 from diva_lightning.rewards.registry import (
     CombinedReward,
+    Reward,
     RewardBreakdown,
     RewardFunction,
     as_breakdown,
@@ -16,6 +18,8 @@ from diva_lightning.rewards.registry import (
 
 __all__ = [
     "CombinedReward",
+    "FunctionReward",
+    "Reward",
     "RewardBreakdown",
     "RewardFunction",
     "accuracy_reward",

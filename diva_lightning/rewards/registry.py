@@ -1,29 +1,40 @@
-"""Batched reward functions: the protocol, the default combined reward, and plugging in your own.
+"""Rewards: the `Reward` base class, the default combined reward, and plugging in your own.
 
-Contract of a reward function (the documented way to plug a user's own reward)
-------------------------------------------------------------------------------
-A reward function is any callable
+Contract of a reward (the documented way to plug a user's own reward)
+---------------------------------------------------------------------
+The training system takes any :class:`Reward`: an object called as
 
-    fn(responses: list[str], answers: list[str], **kwargs) -> list[float] | Tensor[N] | RewardBreakdown
+    reward(responses: list[str], answers: list[str], **kwargs) -> RewardBreakdown
 
-with ``len(responses) == len(answers) == N`` (one entry per sampled response, the answer repeated for
-the G responses of a prompt). The trainer may pass extra keyword arguments (``prompts``,
-``question_ids``, ...), so accept ``**kwargs``. Return either the N total rewards or a
-:class:`RewardBreakdown`. The difficulty update needs an *accuracy* per response (design.md 2.6); a plain
-list is used as both the reward and the accuracy, so return a breakdown if your reward is shaped (e.g.
-has a format bonus). :func:`as_breakdown` normalises both forms. It must be safe to call from a worker
-thread (no ``signal`` use) if you set ``num_workers`` anywhere.
+with ``len(responses) == len(answers) == N`` (one entry per sampled response, the answer repeated for the G
+responses of a prompt). The trainer may pass extra keyword arguments (``prompts``, ``question_ids``, ...).
+The breakdown holds N finite rewards, the N accuracies in [0, 1] that the difficulty update needs (design.md
+2.6) and an optional format term. Two implementations ship:
 
-Point the config at it with an import path, ``"my_package.my_module:my_reward"``, resolved by
-:func:`load_reward_fn`. The object after the colon may be a dotted attribute path; a class is
-instantiated with no arguments (for stateful rewards). Per-sample functions ``(response, answer) ->
-float`` plug into :class:`CombinedReward` instead, as ``accuracy_fn`` or ``format_fn``.
+- :class:`CombinedReward` (default): ``acc_weight * accuracy + format_weight * format``; its per-sample parts
+  ``accuracy_fn(response, answer) -> float`` and ``format_fn`` may be import paths to your functions.
+- :class:`~diva_lightning.rewards.function.FunctionReward`: any function by import path, batched
+  ``fn(responses, answers, **kwargs) -> list | Tensor | ndarray | RewardBreakdown | dict`` or per sample
+  ``fn(response, answer) -> float``; its return is checked (length, numbers, finite) with messages naming it.
+
+From YAML / the command line::
+
+    reward:
+      class_path: diva_lightning.rewards.FunctionReward
+      init_args:
+        fn: my_package.my_module:my_reward    # or my_package.my_module.my_reward
+        batched: true
+
+A plain function (:class:`RewardFunction` protocol) is resolved by :func:`load_reward_fn`: the object after the
+colon may be a dotted attribute path; a class is instantiated with no arguments (for stateful rewards). It must
+be safe to call from a worker thread (no ``signal`` use) if you set ``num_workers`` anywhere.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,27 +74,64 @@ class RewardBreakdown:
         return int(self.reward.shape[0])
 
 
-def as_breakdown(result: Any, n: int) -> RewardBreakdown:
-    """Normalise a reward function's return value (list, tensor or breakdown) to a checked breakdown."""
+def as_breakdown(result: Any, n: int, *, name: str = "reward function") -> RewardBreakdown:
+    """Normalise a reward function's return value to a checked breakdown of N values.
+
+    Accepted: a :class:`RewardBreakdown`; a dict with ``"reward"`` and optional ``"accuracy"`` / ``"format"``;
+    anything ``torch.as_tensor`` reads as N numbers (list, tuple, tensor, numpy array; a [N, 1] or [1, N] shape
+    is flattened). Without an accuracy the reward is used as the accuracy. Raises ValueError naming ``name``.
+    """
     if isinstance(result, RewardBreakdown):
-        out = result
+        parts = {"reward": result.reward, "accuracy": result.accuracy, "format": result.format}
+    elif isinstance(result, dict):
+        unknown = sorted(set(result) - {"reward", "accuracy", "format"})
+        if "reward" not in result or unknown:
+            raise ValueError(f"{name} returned a dict with keys {sorted(result)}; expected 'reward' and optionally "
+                             "'accuracy' and 'format'")
+        parts = {k: result.get(k) for k in ("reward", "accuracy", "format")}
     else:
-        values = torch.as_tensor(result, dtype=torch.float32).detach().cpu().reshape(-1)
-        out = RewardBreakdown(values, values.clone(), torch.zeros_like(values))
-    for name in ("reward", "accuracy", "format"):
-        t = getattr(out, name)
+        parts = {"reward": result, "accuracy": None, "format": None}
+    values: dict[str, Tensor] = {}
+    for part, value in parts.items():
+        if value is None:
+            continue
+        try:
+            t = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} returned {part} as {type(value).__name__} that is not a sequence of numbers: "
+                             f"{err}") from None
+        if t.dim() > 2 or (t.dim() == 2 and 1 not in t.shape):
+            raise ValueError(f"{name} returned {part} of shape {tuple(t.shape)}, expected ({n},)")
+        values[part] = t.reshape(-1)
+    values.setdefault("accuracy", values["reward"].clone())
+    values.setdefault("format", torch.zeros_like(values["reward"]))
+    for part, t in values.items():
         if tuple(t.shape) != (n,):
-            raise ValueError(f"reward function returned {name} of shape {tuple(t.shape)}, expected ({n},)")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"reward function returned non-finite {name}: {t.tolist()}")
-    return out
+            raise ValueError(f"{name} returned {part} of shape {tuple(t.shape)} ({t.numel()} values) for {n} "
+                             f"responses, expected ({n},)")
+        bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"{name} returned non-finite {part} at positions {bad[:10]}: "
+                             f"{[t[i].item() for i in bad[:10]]}")
+    return RewardBreakdown(values["reward"], values["accuracy"], values["format"])
+
+
+class Reward(ABC):
+    """A reward component of the training system: N responses and their answers -> a :class:`RewardBreakdown`.
+
+    Subclass it (and give ``__init__`` typed arguments) to make a reward selectable by ``class_path``.
+    """
+
+    @abstractmethod
+    def __call__(self, responses: list[str], answers: list[str], **kwargs: Any) -> RewardBreakdown:
+        """Grade N responses (see the module docstring for the contract)."""
 
 
 def _resolve(obj: str | Callable[..., Any]) -> Callable[..., Any]:
     return load_reward_fn(obj, check_batched=False) if isinstance(obj, str) else obj
 
 
-class CombinedReward:
+class CombinedReward(Reward):
     """``reward = acc_weight * accuracy + format_weight * format`` per response (official 0.9 / 0.1).
 
     Args:

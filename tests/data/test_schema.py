@@ -116,8 +116,8 @@ def test_all_problems_are_reported_at_once_with_file_row_and_field(tmp_path: Pat
         load_records(path)
     message = str(info.value)
     for row, field in EXPECTED:
-        assert re.search(rf"{re.escape(str(path))}:row {row}: field '{re.escape(field)}': \S", message), \
-            (row, field, message)
+        where = rf"{re.escape(str(path))}:row {row}( \(id '[^']+'\))?"  # the id, when the row has one
+        assert re.search(rf"{where}: field '{re.escape(field)}': \S", message), (row, field, message)
     assert len(info.value.problems) == len(EXPECTED)
     assert "duplicate id 'ok1' (first seen in row 1)" in message
     assert "has 2 '<image>' tag(s) but the row has 1 image(s)" in message
@@ -132,13 +132,13 @@ def test_skip_mode_returns_good_rows_counts_bad_ones_and_warns(tmp_path: Path,
     assert [r.id for r in records] == ["ok1", "ok2"]
     assert (report.rows, report.loaded, report.skipped) == (8, 2, 6)
     assert sorted((p.row, p.field) for p in report.problems) == sorted(EXPECTED)
-    assert "skipped 6 of 8 rows" in caplog.text
+    assert "loaded 2 of 8 rows (2 images checked); skipped 6 (" in caplog.text
 
 
 def test_bad_inline_bytes_and_unknown_suffix_are_rejected(tmp_path: Path) -> None:
     table = pa.Table.from_pylist([{"id": "x", "problem": "<image>", "answer": "1", "images": [b"GIF"]}])
     pq.write_table(table, tmp_path / "b.parquet")
-    with pytest.raises(RecordError, match=r"row 1: field 'images': item 0: bytes are not"):
+    with pytest.raises(RecordError, match=r"row 1 \(id 'x'\): field 'images': item 0 <3 inline bytes>: not a PNG/JPEG"):
         load_records(tmp_path / "b.parquet")
     with pytest.raises(ValueError, match="unsupported record file type"):
         load_records(tmp_path / "data.csv")
@@ -151,7 +151,7 @@ def test_variant_paraphrases_must_place_the_same_images(tmp_path: Path) -> None:
     row = {"id": "v", "problem": "<image> How many?", "answer": "1", "images": ["i.png"],
            "variants": ["<image> Count.", "Count them."]}
     path = write_lines(tmp_path / "v.jsonl", [json.dumps(row)])
-    with pytest.raises(RecordError, match=r"row 1: field 'variants': item 1 has 0 '<image>' tag"):
+    with pytest.raises(RecordError, match=r"row 1 \(id 'v'\): field 'variants': item 1 has 0 '<image>' tag"):
         load_records(path)
 
 
