@@ -465,7 +465,7 @@ class DivaGRPOModule(pl.LightningModule):
         self._val_level_seen.clear()
 
     @override
-    def validation_step(self, batch: FamilyBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val")
 
     @override
@@ -473,7 +473,7 @@ class DivaGRPOModule(pl.LightningModule):
         self._log_eval("val")
 
     @override
-    def test_step(self, batch: FamilyBatch, batch_idx: int) -> None:
+    def test_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "test")
 
     @override

@@ -266,6 +266,7 @@ class Benchmark:
             report.problems.extend(RowProblem(str(path), n, f, m) for f, m in row.problems)
             if record is not None and not row.problems:
                 first_row_of[record.id] = n
+                record.row = n
                 kept.append((n, record))
         if self.cross_row_check is not None:
             cross = self.cross_row_check(kept)

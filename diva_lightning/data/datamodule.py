@@ -32,10 +32,17 @@ from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.core.tiers import IMAGE_OPS
 from diva_lightning.data.batch import KIND_CODES, TIER_CODES, FamilyBatch, QuestionBatch
-from diva_lightning.data.images import ImageStore
+from diva_lightning.data.images import MAX_IMAGE_PIXELS, ImageError, ImageStore
 from diva_lightning.data.perturb import PerturbParams, perturb_images
 from diva_lightning.data.planner import PlanSettings, plan_families
-from diva_lightning.data.schema import QuestionRecord, load_records_with_report
+from diva_lightning.data.schema import (
+    MAX_FIELD_CHARS,
+    LoadReport,
+    QuestionRecord,
+    RecordError,
+    RowProblem,
+    load_records_with_report,
+)
 from diva_lightning.data.world import generate_world
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,29 @@ class WorldConfig:
     """Seed of the world generator (independent of the training seed)."""
 
 
+
+
+@dataclass
+class Source:
+    """One evaluation source: the world's split, a record file, or a benchmark's native file."""
+
+    path: str = "world"
+    """"world" (the embedded world's split) or a data file (.jsonl / .parquet, or a benchmark's own format)."""
+    benchmark: str | None = None
+    """A benchmark reader (mathvista, mathverse, mathvision, olympiadbench, wemath, mmk12) for the file's native
+    format and its rule-based scorer; null: our record format, graded by the training reward."""
+
+
+SourceSpec = str | dict[str, Source] | None
+
+
+def named_sources(spec: SourceSpec) -> dict[str, Source]:
+    """A source setting as {name: Source}: a plain string is one unnamed source (name ""), None is none."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        return {"": Source(path=spec)}
+    return {name: (src if isinstance(src, Source) else Source(**src)) for name, src in spec.items()}
 
 
 class _TrainStream(IterableDataset[QuestionBatch]):
@@ -96,8 +126,10 @@ class DivaDataModule(pl.LightningDataModule):
 
     Args:
         train_source: "world" (the embedded procedural world) or a .jsonl/.parquet file (design.md section 8).
-        val_source: as train_source; "world" uses the world's validation split.
-        test_source: as train_source; "world" uses the world's test split; None disables `test`.
+        val_source: as train_source ("world" uses the world's validation split), or several named sources
+            {name: {path, benchmark}} (a benchmark's native file, scored by its own rules): each logs
+            `val/<name>/accuracy`, and `val/accuracy` is their mean.
+        test_source: as val_source ("world" uses the world's test split); None disables `test`.
         world: sizes and seed of the embedded world.
         questions_per_step: B, questions per optimizer round on each rank.
         num_variants: V, variants per question (0 gives a plain GRPO data stream).
@@ -109,14 +141,18 @@ class DivaDataModule(pl.LightningDataModule):
         num_generations: G, responses per prompt (linked from the model; used to report the rollout budget).
         val_batch_size: questions per validation batch.
         seed: seed of the question order and the variant plans (linked from `seed_everything`).
-        on_error: "raise" (all bad rows reported at once) or "skip" (bad rows skipped and counted, with a warning).
+        on_error: "raise" (all bad rows of all the stage's files reported at once, before the model loads) or
+            "skip" (bad rows skipped and counted by reason, with a warning).
+        max_image_pixels: an image with more pixels (width x height) is a bad row (the policy resizes to its own
+            budget later; the bound refuses decompression bombs).
+        max_field_chars: a text field longer than this is a bad row.
     """
 
     def __init__(
         self,
         train_source: str = "world",
-        val_source: str = "world",
-        test_source: str | None = "world",
+        val_source: SourceSpec = "world",
+        test_source: SourceSpec = "world",
         world: WorldConfig | None = None,
         questions_per_step: int = 8,
         num_variants: int = 1,
@@ -131,6 +167,8 @@ class DivaDataModule(pl.LightningDataModule):
         val_batch_size: int = 32,
         seed: int = 0,
         on_error: str = "raise",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        max_field_chars: int = MAX_FIELD_CHARS,
     ) -> None:
         super().__init__()
         self.plan_settings = PlanSettings(
@@ -141,6 +179,15 @@ class DivaDataModule(pl.LightningDataModule):
         problems = self.plan_settings.check()
         if questions_per_step < 1:
             problems.append(f"questions_per_step must be >= 1, got {questions_per_step}")
+        try:
+            self.val_sources, self.test_sources = named_sources(val_source), named_sources(test_source)
+        except TypeError as err:
+            problems.append(f"val_source / test_source: {err}")
+            self.val_sources, self.test_sources = {}, {}
+        problems += _check_sources(self.val_sources, "val_source") + _check_sources(self.test_sources, "test_source")
+        if max_image_pixels < 1 or max_field_chars < 1:
+            problems.append(f"max_image_pixels and max_field_chars must be >= 1, got {max_image_pixels}, "
+                            f"{max_field_chars}")
         if on_error not in ("raise", "skip"):
             problems.append(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if problems:
@@ -157,32 +204,93 @@ class DivaDataModule(pl.LightningDataModule):
         self.on_error = on_error
         self.difficulty_table: DifficultyTable | None = None  # attached by DifficultyCallback
         self.position = 0  # training batches consumed (global step of the data stream)
+        self.max_field_chars = max_field_chars
         self.train_records: list[QuestionRecord] = []
-        self.val_records: list[QuestionRecord] = []
-        self.test_records: list[QuestionRecord] = []
-        self.images = ImageStore()  # decoded images, keyed by (data file, record id)
+        self.val_sets: dict[str, list[QuestionRecord]] = {}  # per named source ("" for an unnamed one)
+        self.test_sets: dict[str, list[QuestionRecord]] = {}
+        self.images = ImageStore(max_pixels=max_image_pixels)  # decoded images, keyed by (data file, record id)
         self.fallbacks = 0  # variants that could not be built as planned (e.g. no paraphrases): counted, logged
         self._warned_fallback: set[str] = set()  # questions whose fallback was already warned about
 
     # ----------------------------------------------------------------------------------------------- loading
-    def _load(self, source: str | None, split: str, size: int) -> list[QuestionRecord]:
-        if source is None:
-            return []
-        if source == "world":
-            return generate_world(size, seed=self.world.seed, split=split)
-        path = Path(source)
+    @property
+    def val_records(self) -> list[QuestionRecord]:
+        """Every validation question, source after source."""
+        return [r for records in self.val_sets.values() for r in records]
+
+    @property
+    def test_records(self) -> list[QuestionRecord]:
+        return [r for records in self.test_sets.values() for r in records]
+
+    def _load(self, source: Source, split: str, size: int) -> tuple[list[QuestionRecord], LoadReport | None]:
+        """Records of one source, bad rows skipped and reported (the caller raises for all files at once)."""
+        if source.path == "world":
+            return generate_world(size, seed=self.world.seed, split=split), None
+        path = Path(source.path)
         if not path.exists():
-            raise FileNotFoundError(f"DivaDataModule: {split} source {source!r} does not exist")
-        # Every image is decoded and checked here, once, into the store; relative paths resolve against the
-        # folder of their own file.
-        records, report = load_records_with_report(path, on_error=self.on_error, images=self.images)
-        log.info("DIVA data (%s): %s", split, report.summary())
-        return records
+            raise FileNotFoundError(f"DivaDataModule: {split} source {source.path!r} does not exist "
+                                    f"(resolved: {path.absolute()})")
+        if source.benchmark is not None:
+            from diva_lightning.benchmarks import get_benchmark
+
+            records, report = get_benchmark(source.benchmark).read(path, on_error="skip")
+            records = self._check_images(records, report)
+        else:
+            # Every image is decoded and checked here, once, into the store; relative paths resolve against the
+            # folder of their own file.
+            records, report = load_records_with_report(path, on_error="skip", images=self.images,
+                                                       max_field_chars=self.max_field_chars)
+        return records, report
+
+    def _check_images(self, records: list[QuestionRecord], report: LoadReport) -> list[QuestionRecord]:
+        """Decode (and cache) a benchmark reader's images now: a bad one is a problem of its row, not a crash at
+        the first evaluation batch."""
+        kept = []
+        for record in records:
+            try:
+                self.images.get(record)
+            except ImageError as err:
+                report.problems.append(RowProblem(report.path, record.row or 0, "images", str(err), record.id))
+                continue
+            kept.append(record)
+        report.loaded = len(kept)
+        return kept
+
+    def _load_all(self, wanted: list[tuple[str, str, Source, int]]) -> dict[tuple[str, str], list[QuestionRecord]]:
+        """Load (split, name, source, world size) sources; all problems of all files raise together (or are
+        skipped and counted)."""
+        loaded: dict[tuple[str, str], list[QuestionRecord]] = {}
+        problems: list[RowProblem] = []
+        for split, name, source, size in wanted:
+            records, report = self._load(source, split, size)
+            loaded[split, name] = records
+            if report is not None:
+                problems += report.problems
+                label = f"{split}/{name}" if name else split
+                log.info("DIVA data (%s): %s", label, report.summary())
+                if report.skipped:
+                    log.warning("DIVA data (%s): skipped %d bad rows (on_error=skip): %s", label, report.skipped,
+                                report.summary())
+        if problems and self.on_error == "raise":
+            raise RecordError(problems)
+        return loaded
 
     @override
     def setup(self, stage: str) -> None:
+        wanted: list[tuple[str, str, Source, int]] = []
         if stage == "fit" and not self.train_records:
-            self.train_records = self._load(self.train_source, "train", self.world.train_size)
+            wanted.append(("train", "", Source(self.train_source), self.world.train_size))
+        if stage in ("fit", "validate") and not self.val_sets:
+            wanted += [("val", n, src, self.world.val_size) for n, src in self.val_sources.items()]
+        if stage == "test" and not self.test_sets:
+            wanted += [("test", n, src, self.world.test_size) for n, src in self.test_sources.items()]
+        loaded = self._load_all(wanted)
+        for (split, name), records in loaded.items():
+            if split == "train":
+                self.train_records = records
+            else:
+                (self.val_sets if split == "val" else self.test_sets)[name] = records
+        if ("train", "") in loaded:
             if len(self.train_records) < self.questions_per_step * self._world_size:
                 raise ValueError(
                     f"DivaDataModule: {len(self.train_records)} training questions cannot fill one step of "
@@ -194,10 +302,6 @@ class DivaDataModule(pl.LightningDataModule):
                 len(self.train_records), self.questions_per_step, self.num_variants, self.num_generations,
                 rollouts,
             )
-        if stage in ("fit", "validate") and not self.val_records:
-            self.val_records = self._load(self.val_source, "val", self.world.val_size)
-        if stage == "test" and not self.test_records:
-            self.test_records = self._load(self.test_source, "test", self.world.test_size)
 
     def initial_difficulties(self) -> dict[str, float]:
         """Starting difficulties of the training questions whose record sets one (other than the default 5):
@@ -233,12 +337,13 @@ class DivaDataModule(pl.LightningDataModule):
         return DataLoader(_TrainStream(self), batch_size=None, num_workers=0)
 
     @override
-    def val_dataloader(self) -> DataLoader[QuestionBatch]:
-        return self._list_loader(self.val_records)
+    def val_dataloader(self) -> list[DataLoader[QuestionBatch]]:
+        """One loader per validation source, in `val_sources` order (`dataloader_idx` names the source)."""
+        return [self._list_loader(records) for records in self.val_sets.values()]
 
     @override
-    def test_dataloader(self) -> DataLoader[QuestionBatch]:
-        return self._list_loader(self.test_records)
+    def test_dataloader(self) -> list[DataLoader[QuestionBatch]]:
+        return [self._list_loader(records) for records in self.test_sets.values()]
 
     def _list_loader(self, records: list[QuestionRecord]) -> DataLoader[QuestionBatch]:
         # Each rank evaluates a disjoint strided shard.
@@ -332,6 +437,22 @@ class DivaDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.position = int(state_dict.get("position", 0))
         self.fallbacks = int(state_dict.get("fallbacks", 0))
+
+
+def _check_sources(sources: dict[str, Source], setting: str) -> list[str]:
+    problems = []
+    for name, src in sources.items():
+        if name and not all(c.isalnum() or c in "_-." for c in name):
+            problems.append(f"{setting}: source name {name!r} may hold letters, digits, '_', '-', '.' only")
+        if src.benchmark is not None:
+            from diva_lightning.benchmarks import BENCHMARKS
+
+            if src.benchmark.lower() not in BENCHMARKS:
+                problems.append(f"{setting}.{name}: unknown benchmark {src.benchmark!r}; one of "
+                                f"{', '.join(BENCHMARKS)}")
+            if src.path == "world":
+                problems.append(f"{setting}.{name}: a benchmark source needs the path of its file, not 'world'")
+    return problems
 
 
 def _level(record: QuestionRecord) -> int:

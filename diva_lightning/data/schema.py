@@ -92,8 +92,9 @@ class QuestionRecord:
     ``problem`` holds one ``<image>`` tag per image.
 
     ``data_file`` is the resolved path of the file the record was read from (None for records built in
-    code). Relative image paths resolve against its folder, and it keys the record's decoded images. It is
-    not a row field (never written) and takes no part in equality.
+    code). Relative image paths resolve against its folder, and it keys the record's decoded images. ``row``
+    is its 1-based row there, for problems found after loading (a prompt too long for the policy). Neither is a
+    row field (never written) nor takes part in equality.
     """
 
     id: str
@@ -106,6 +107,7 @@ class QuestionRecord:
     answer_type: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     data_file: str | None = field(default=None, compare=False, repr=False)
+    row: int | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -460,7 +462,7 @@ def load_records_with_report(
                     record.images[k] = result.data
         report.problems.extend(RowProblem(str(path), n, f, m, rid) for f, m in bad)
         if record is not None and not bad:
-            record.data_file = data_file
+            record.data_file, record.row = data_file, n
             if images is not None:
                 images.put(record, [p for p in pixels if p is not None])
             records.append(record)

@@ -50,9 +50,9 @@ def test_files_in_different_folders_with_shared_ids_never_share_images(tmp_path:
     dm.setup("test")
     train_batch = dm.question_batch(0)
     assert {_color(imgs[0]) for imgs in train_batch.images} == {RED}
-    (val_batch,) = list(dm.val_dataloader())
+    (val_batch,) = list(dm.val_dataloader()[0])  # one loader per validation source
     assert [r.id for r in val_batch.records] == ids and {_color(i[0]) for i in val_batch.images} == {BLUE}
-    (test_batch,) = list(dm.test_dataloader())
+    (test_batch,) = list(dm.test_dataloader()[0])
     assert {_color(i[0]) for i in test_batch.images} == {GREEN}
     assert len(dm.images) == 12  # 4 ids x 3 files, decoded at load; none decoded again
     assert dm.train_records[0].data_file == str((tmp_path / "train" / "data.jsonl").resolve())
