@@ -38,7 +38,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check diva_lightning tests sweeps benchmarks
+	$(PY) -m ruff check diva_lightning tests sweeps reports benchmarks
 	$(PY) -m mypy
 
 bench: $(STAMP)
