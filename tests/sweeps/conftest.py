@@ -1,6 +1,6 @@
 """A real PostgreSQL server for the sweep tests: one per session, started by the suite on a free localhost port in a
 temp folder, with a fresh database per test. Where the server (Debian's `postgresql` package: `make postgres`, which
-`.ci/run` calls) or the driver (`psycopg2-binary`, dev extra) is missing, the tests that need it are skipped with the
+`.ci/run` calls) or the driver (`psycopg`, dev extra) is missing, the tests that need it are skipped with the
 reason. initdb and postgres refuse to run as root, so as root (CI) the server runs as the user `nobody`."""
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def _server_bin() -> Path | None:
 def postgres_server() -> Iterator[str]:
     """`postgresql://postgres@127.0.0.1:<port>` of a server that lives for the test session."""
     try:
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("PostgreSQL tests: the driver psycopg2 is not installed (pip install -e '.[dev]')")
+        pytest.skip("PostgreSQL tests: the driver psycopg is not installed (pip install -e '.[dev]')")
     bindir = _server_bin()
     if bindir is None:
         pytest.skip("PostgreSQL tests: no server found (initdb); `make postgres` installs Debian's postgresql package")
@@ -68,12 +68,9 @@ def postgres_server() -> Iterator[str]:
 @pytest.fixture
 def postgres_url(postgres_server: str) -> str:
     """A URL of a database of its own for this test."""
-    import psycopg2
+    import psycopg
 
     name = f"sweep_{uuid.uuid4().hex[:12]}"
-    conn = psycopg2.connect(f"{postgres_server}/postgres")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    conn.close()
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
     return f"{postgres_server}/{name}"
