@@ -132,8 +132,8 @@ class Worker:
 
     opts: SweepOptions
     study: optuna.Study
-    storage: BaseStorage
     runner: Runner
+    ran: int = 0  # cells whose job this worker ran
     current: int | None = None  # the trial this worker is running
     discarded: bool = False  # its trial was failed as stale while it ran
 
@@ -150,6 +150,7 @@ class Worker:
         trial.set_user_attr("error", None)  # a retry inherits its predecessor's user attrs
         with heartbeat(trial, self.opts.live.heartbeat_interval):
             result = self.runner(cell, self.opts.settings, self.opts.out, trial.number)
+        self.ran += 1
         try:
             for key, value in result.user_attrs().items():
                 trial.set_user_attr(key, value)
@@ -193,19 +194,18 @@ def work(opts: SweepOptions, runner: Runner | None = None) -> int:
 
     `runner` runs one cell (default: `run_cell` with the launcher); tests may pass a plain function."""
     study, storage = load(opts)
-    worker = Worker(opts, study, storage, runner or (
+    worker = Worker(opts, study, runner or (
         lambda c, s, o, n: run_cell(c, s, o, n, launcher=opts.launcher, threads=opts.threads)))
-    ran, said, said_at = 0, (), 0.0
+    said, said_at = (), 0.0
     while True:
         fail_stale(study, storage, opts.live)
         states = cell_states(study)
         if any(s.waiting for s in states.values()):
             worker.run_one()
-            ran += 1
             print(progress(study), flush=True)
             continue
         if not any(s.running for s in states.values()):
-            return ran
+            return worker.ran
         text, key = waiting_for(study, opts.live)
         if key != said or time.monotonic() - said_at > 30:
             print(text, flush=True)  # when what it waits for changes, and every 30 s

@@ -18,6 +18,7 @@ from sweeps.study import Liveness, SweepRefused, cell_of, open_storage
 from sweeps.trial import CellResult
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 
 def test_grid_is_rows_times_seeds_in_row_order() -> None:
