@@ -32,9 +32,11 @@ from sweeps.study import cell_of, open_storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 ABLATE = str(REPO / "sweeps" / "ablate.py")
-# Two "nodes" of one process each on this machine: two torchrun agents meeting at a localhost rendezvous.
-TWO_NODES = ("for node in 0 1; do {torchrun} --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d "
-             "--rdzv-endpoint 127.0.0.1:{port} --rdzv-id cell -m diva_lightning {args} & done; wait -n && wait -n")
+# Two "nodes" of one process each on this machine: two torchrun agents meeting at a localhost rendezvous. Each is
+# waited for by pid: `wait -n` returns 127 (bash 5.2) when both have exited before it is called.
+TWO_NODES = ("p=; for node in 0 1; do {torchrun} --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d "
+             "--rdzv-endpoint 127.0.0.1:{port} --rdzv-id cell -m diva_lightning {args} & p=\"$p $!\"; done; "
+             "for q in $p; do wait $q || exit; done")
 
 
 def tiny(policy: str) -> list[str]:
