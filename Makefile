@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup run test test-slow test-all lint bench gpu-check clean
+.PHONY: setup postgres run test test-slow test-all lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt "torch==2.13.0"
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
+
+# PostgreSQL server binaries for the sweep tests (tests/sweeps/conftest.py starts its own server on a free port and
+# skips those tests, saying why, where there is none). Installs Debian's package when missing and allowed (root).
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; then \
+	  echo "postgres: server binaries present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
+	    && echo "postgres: installed Debian's postgresql package" \
+	    || echo "postgres: apt-get install postgresql failed; the PostgreSQL sweep tests will be skipped" >&2; \
+	else \
+	  echo "postgres: no server binaries; as root: apt-get install postgresql (else those tests are skipped)" >&2; \
+	fi
 
 run: $(STAMP)
 	$(PY) -m diva_lightning fit --config $(CONFIG)
@@ -38,7 +51,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check diva_lightning tests sweeps benchmarks
+	$(PY) -m ruff check diva_lightning tests sweeps reports benchmarks
 	$(PY) -m mypy
 
 bench: $(STAMP)

@@ -6,22 +6,29 @@ to full), `efficiency.md`/`efficiency.csv` (steps and seconds to reach GRPO's be
 `frac_family_zero_std.png`, `frac_zero_advantage.png`, `difficulty_hist_full.png`; report.md also has a
 learning-signal table.
 
-    python sweeps/report.py --storage sqlite:///outputs/ablate/study.db --study diva-ablate --out outputs/ablate
+    python sweeps/report.py --storage journal:outputs/ablate/study.journal --study diva-ablate --out outputs/ablate
+
+Statistics that do not exist print "n/a" (the std of one seed, a delta without the `full` row, a column a row never
+logged); variant metrics are left blank for rows that train without variants (`num_variants: 0`, e.g. GRPO).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps._common import BASELINE_ROW, FULL_ROW, ROWS  # noqa: E402
 from sweeps.runlog import columns, read_metrics, series, val_curve, val_times  # noqa: E402
+from sweeps.study import cell_of  # noqa: E402
 from sweeps.tables import efficiency, fmt, mean_curve, signed, table2  # noqa: E402
 
 
@@ -32,10 +39,19 @@ class RunData:
     row: str
     seed: int
     metrics: list[dict[str, float]]
+    variants: int | None = None  # data.init_args.num_variants of the run's resolved config (None: unknown)
 
     @property
     def curve(self) -> list[tuple[int, float]]:
         return val_curve(self.metrics)
+
+    @classmethod
+    def load(cls, row: str, seed: int, metrics_path: str | Path) -> RunData:
+        """A run from its metrics.csv and the config.yaml the CLI wrote beside it."""
+        config = Path(metrics_path).parent / "config.yaml"
+        data = yaml.safe_load(config.read_text()).get("data", {}) if config.exists() else {}
+        variants = (data.get("init_args") or {}).get("num_variants")
+        return cls(row, seed, read_metrics(metrics_path), None if variants is None else int(variants))
 
 
 def runs_from_study(study: object) -> list[RunData]:
@@ -45,11 +61,15 @@ def runs_from_study(study: object) -> list[RunData]:
     assert isinstance(study, optuna.Study)
     runs: dict[tuple[str, int], RunData] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        key = (str(t.params["row"]), int(t.params["seed"]))
-        path = t.user_attrs.get("metrics_path")
-        if key not in runs and path and Path(path).exists():
-            runs[key] = RunData(key[0], key[1], read_metrics(path))
+        cell, path = cell_of(t), t.user_attrs.get("metrics_path")
+        if cell is not None and (cell.row, cell.seed) not in runs and path and Path(path).exists():
+            runs[(cell.row, cell.seed)] = RunData.load(cell.row, cell.seed, path)
     return [runs[k] for k in sorted(runs, key=lambda k: (list(ROWS).index(k[0]) if k[0] in ROWS else 99, k[1]))]
+
+
+def _csv(value: float | None) -> object:
+    """A CSV cell: empty where the statistic does not exist."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def _by_row(runs: list[RunData]) -> dict[str, list[RunData]]:
@@ -70,8 +90,8 @@ def write_tables(runs: list[RunData], out_dir: Path) -> dict[str, str]:
         w = csv.writer(f)
         w.writerow(["row", "seeds", "final_mean", "final_std", "best_mean", "best_std", "delta_final", "delta_best"])
         for s in summary:
-            w.writerow([s.row, s.seeds, s.final_mean, s.final_std, s.best_mean, s.best_std, s.delta_final,
-                        s.delta_best])
+            w.writerow([s.row, s.seeds, *map(_csv, (s.final_mean, s.final_std, s.best_mean, s.best_std,
+                                                     s.delta_final, s.delta_best))])
             md2.append(f"| {s.row} | {s.seeds} | {fmt(s.final_mean, s.final_std)} | {signed(s.delta_final)} | "
                        f"{fmt(s.best_mean, s.best_std)} | {signed(s.delta_best)} |")
     target, eff = efficiency({row: [r.curve for r in rr] for row, rr in by_row.items()},
@@ -83,7 +103,7 @@ def write_tables(runs: list[RunData], out_dir: Path) -> dict[str, str]:
         w = csv.writer(f)
         w.writerow(["row", "target", "steps", "seconds", "step_ratio", "time_ratio"])
         for e in eff:
-            w.writerow([e.row, target, "" if e.steps is None else e.steps, e.seconds, e.step_ratio, e.time_ratio])
+            w.writerow([e.row, *map(_csv, (target, e.steps, e.seconds, e.step_ratio, e.time_ratio))])
             md_e.append(f"| {e.row} | {'not reached' if e.steps is None else e.steps} | {fmt(e.step_ratio, digits=2)}"
                         f" | {fmt(e.seconds, digits=1)} | {fmt(e.time_ratio, digits=2)} |")
     tables = {"table2": "\n".join(md2) + "\n", "efficiency": "\n".join(md_e) + "\n"}
@@ -173,6 +193,8 @@ def _difficulty_heatmap(plt: object, runs: list[RunData], path: Path) -> Path:
     return path
 
 
+VARIANT_COLUMNS = ("variant_rescue_rate", "frac_reward_zero_std/paraphrase", "frac_reward_zero_std/image",
+                   "frac_reward_zero_std/hint")  # meaningless without variants: blank for such rows
 SIGNAL_COLUMNS = ("frac_reward_zero_std", "frac_family_zero_std", "frac_zero_advantage", "variant_rescue_rate",
                   "tier/easy/count", "tier/medium/count", "tier/hard/count")
 # Where the zero-spread local groups come from: by the kind of prompt, and by the question's tier.
@@ -182,7 +204,8 @@ ZERO_SPREAD_COLUMNS = ("frac_reward_zero_std/original", "frac_reward_zero_std/pa
 
 
 def signal_table(runs: list[RunData], columns: tuple[str, ...] = SIGNAL_COLUMNS) -> str:
-    """Markdown: per row, the mean over all logged steps and seeds of the given columns (- if never logged).
+    """Markdown: per row, the mean over all logged steps and seeds of the given columns (n/a if never logged; blank
+    for a variant metric of a row whose runs have no variants).
 
     Tier counts are responses per step (to originals and variants); a row whose prompts never leave the medium tier
     has not engaged DIVA's difficulty loop.
@@ -190,9 +213,13 @@ def signal_table(runs: list[RunData], columns: tuple[str, ...] = SIGNAL_COLUMNS)
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row, rr in _by_row(runs).items():
         cells = []
+        without_variants = all(r.variants == 0 for r in rr)
         for col in columns:
             values = [v for r in rr for _, v in series(r.metrics, col)]
-            cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
+            if without_variants and col in VARIANT_COLUMNS:
+                cells.append("")
+            else:
+                cells.append(f"{sum(values) / len(values):.3f}" if values else "n/a")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -215,14 +242,15 @@ def write_report(runs: list[RunData], out_dir: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     import optuna
 
-    from sweeps.claim import open_storage
+    from sweeps.study import open_storage
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--storage", required=True, help="Optuna storage URL (sqlite:///..., journal:<path>)")
+    p.add_argument("--storage", required=True, help="journal:<path> or an RDB URL (sqlite:/// too: reading only)")
     p.add_argument("--study", default="diva-ablate")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    study = optuna.load_study(study_name=a.study, storage=open_storage(a.storage))
+    storage = open_storage(a.storage) if a.storage.startswith("journal:") else a.storage
+    study = optuna.load_study(study_name=a.study, storage=storage)
     print(f"[report] wrote {write_report(runs_from_study(study), a.out)}")
 
 

@@ -2,7 +2,8 @@
 
 Conventions:
 - A *curve* is a list of (optimizer steps done, value) pairs sorted by step.
-- Mean +- std over seeds uses the sample standard deviation (n - 1); with one seed the std is 0.
+- Mean +- std over seeds uses the sample standard deviation (n - 1); with one seed it does not exist (nan, printed
+  "n/a" by `fmt`).
 - Deltas are row minus the `full` row (negative = the ablation lost accuracy), as in the paper's Table 2.
 - Efficiency target: the best value of the baseline row's seed-mean validation curve. A row "reaches" it at the
   first validated step where its own seed-mean curve is >= the target; its seconds are the seeds' mean
@@ -19,13 +20,13 @@ Curve = list[tuple[int, float]]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof 1; 0 for a single value). Empty input gives (nan, nan)."""
+    """Mean and sample std (ddof 1; nan for a single value: one seed has no spread to estimate). Empty: (nan, nan)."""
     n = len(values)
     if n == 0:
         return math.nan, math.nan
     mean = sum(values) / n
     if n == 1:
-        return mean, 0.0
+        return mean, math.nan
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
@@ -112,12 +113,14 @@ def efficiency(
 
 
 def fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
-    """'0.431 ± 0.012' (or '0.431', or '-' for nan)."""
+    """'0.431 ± 0.012', '0.431 ± n/a' (std asked for but nan: one seed), '0.431' (no std), or 'n/a' (nan mean)."""
     if math.isnan(mean):
-        return "-"
+        return "n/a"
     text = f"{mean:.{digits}f}"
-    return text if std is None or math.isnan(std) else f"{text} ± {std:.{digits}f}"
+    if std is None:
+        return text
+    return f"{text} ± n/a" if math.isnan(std) else f"{text} ± {std:.{digits}f}"
 
 
 def signed(value: float, digits: int = 3) -> str:
-    return "-" if math.isnan(value) else f"{value:+.{digits}f}"
+    return "n/a" if math.isnan(value) else f"{value:+.{digits}f}"

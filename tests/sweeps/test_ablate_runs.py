@@ -1,10 +1,11 @@
-"""The sweep end to end with real `fit` subprocesses on the untrained tiny policy (slow: each cell is a fit).
+"""The sweep end to end: worker processes (`python sweeps/ablate.py`) running real `fit` jobs of the untrained tiny
+policy (slow: each cell is a fit), on the journal file and on a real PostgreSQL server (tests/sweeps/conftest.py).
 
 - every row really switches its component off: on the resolved config.yaml the CLI wrote into the run folder,
   and on what the run logged (metrics.csv columns, and each step's advantages recomputed from a trace);
-- a second invocation on the finished study trains nothing and only rewrites the report;
-- two workers on one SQLite file split the cells, none run twice;
-- a worker SIGKILLed mid-cell is replaced by a restarted one that completes the matrix.
+- two workers started together split the cells and no cell runs twice; a later invocation only rewrites the report;
+- a worker SIGKILLed mid-cell: the next invocation says what it waits for, and runs the cell again after the grace;
+- a cell launched as 2 "nodes" x 1 process (two torchrun agents, localhost rendezvous, DDP on CPU) is scored.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ import optuna
 import pytest
 import torch
 import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from diva_lightning.core.advantage import diva_advantages
 from sweeps._common import REPO
-from sweeps.claim import open_storage
+from sweeps.study import cell_of, open_storage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 ABLATE = str(REPO / "sweeps" / "ablate.py")
+# Two "nodes" of one process each on this machine: two torchrun agents meeting at a localhost rendezvous. Each is
+# waited for by pid: `wait -n` returns 127 (bash 5.2) when both have exited before it is called.
+TWO_NODES = ("p=; for node in 0 1; do {torchrun} --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d "
+             "--rdzv-endpoint 127.0.0.1:{port} --rdzv-id cell -m diva_lightning {args} & p=\"$p $!\"; done; "
+             "for q in $p; do wait $q || exit; done")
 
 
 def tiny(policy: str) -> list[str]:
@@ -46,7 +53,7 @@ def tiny(policy: str) -> list[str]:
 
 def ablate(out: Path, policy: str, *args: str) -> subprocess.Popen[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, ABLATE, "--out", str(out), *args, *tiny(policy)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, ABLATE, "--out", str(out), *tiny(policy), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -56,14 +63,22 @@ def finish(proc: subprocess.Popen[str], timeout: float = 420) -> str:
     return out
 
 
-def trials(out: Path) -> list[optuna.trial.FrozenTrial]:
-    storage = open_storage(f"sqlite:///{out / 'study.db'}")
-    return optuna.load_study(study_name="diva-ablate", storage=storage).get_trials()
+def trials(out: Path, storage: str | None = None) -> list[optuna.trial.FrozenTrial]:
+    url = storage or f"journal:{out / 'study.journal'}"
+    return optuna.load_study(study_name="diva-ablate", storage=open_storage(url)).get_trials()
 
 
-def complete_cells(out: Path) -> collections.Counter[tuple[str, int]]:
-    return collections.Counter((t.params["row"], t.params["seed"]) for t in trials(out)
-                               if t.state == TrialState.COMPLETE)
+def complete_cells(trials: list[optuna.trial.FrozenTrial]) -> collections.Counter[tuple[str, int]]:
+    done = [cell_of(t) for t in trials if t.state == TrialState.COMPLETE]
+    return collections.Counter((c.row, c.seed) for c in done if c is not None)
+
+
+@pytest.fixture(params=["journal", "postgresql"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The study's storage URL: the journal file (the default) or a database of a real PostgreSQL server."""
+    if request.param == "journal":
+        return f"journal:{tmp_path / 'shared' / 'study.journal'}"
+    return str(request.getfixturevalue("postgres_url"))
 
 
 def _run_dir(out: Path, row: str) -> Path:
@@ -127,32 +142,67 @@ def test_rows_switch_off_their_component_and_rerun_only_reports(tiny_policy_dir:
     assert report.stat().st_mtime > stamp and len(trials(out)) == 6
 
 
-def test_two_workers_split_cells_without_repeats(tiny_policy_dir: str, tmp_path: Path) -> None:
-    out, args = tmp_path / "sweep", ["--rows", "full", "grpo", "--seeds", "0", "1", "--steps", "1",
-                                     "--val-every", "1", "--poll", "0.5"]
-    procs = [ablate(out, tiny_policy_dir, *args, "--no-report") for _ in range(2)]
+
+
+def test_two_workers_share_the_cells_and_a_rerun_only_reports(tiny_policy_dir: str, tmp_path: Path,
+                                                              storage: str) -> None:
+    """Two invocations started together (both race to create the study): every cell runs once, in one of them."""
+    args = ["--storage", storage, "--rows", "full", "grpo", "--seeds", "0", "1", "--steps", "1", "--val-every", "1",
+            "--poll", "0.5"]
+    procs = [ablate(tmp_path / f"w{i}", tiny_policy_dir, *args, "--no-report") for i in range(2)]
     logs = [finish(p) for p in procs]
-    assert complete_cells(out) == collections.Counter({(r, s): 1 for r in ("full", "grpo") for s in (0, 1)})
-    assert len(trials(out)) == 4  # no duplicate, failed or retried trial
-    assert len(list((out / "logs").iterdir())) == 4  # four fits in all
-    assert all("[ablate] start" in log for log in logs)  # both workers ran cells
+    done = trials(tmp_path, storage)
+    assert complete_cells(done) == collections.Counter({(r, s): 1 for r in ("full", "grpo") for s in (0, 1)})
+    # Nothing failed or was retried; at most a worker that asked when the queue had just emptied got a trial that is
+    # no cell (pruned at once).
+    assert all(t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and cell_of(t) is None) for t in done)
+    fits = [f for i in range(2) for f in (tmp_path / f"w{i}" / "logs").glob("*.log")]
+    assert len(fits) == 4 and all("[ablate] start" in log for log in logs)  # four fits in all; both workers ran some
+    # A later invocation on the finished study: no fit, same trials, the report (over both workers' runs).
+    log = finish(ablate(tmp_path / "w0", tiny_policy_dir, *args), timeout=120)
+    assert "[ablate] start" not in log and "[ablate] 4/4 done" in log
+    assert len(trials(tmp_path, storage)) == len(done) and len(fits) == 4
+    table = (tmp_path / "w0" / "table2.md").read_text()
+    assert "| full | 2 |" in table and "| grpo | 2 |" in table
 
 
-def test_killed_worker_is_replaced_and_the_matrix_completes(tiny_policy_dir: str, tmp_path: Path) -> None:
-    out, args = tmp_path / "sweep", ["--rows", "full", "--seeds", "0", "1", "--steps", "1", "--val-every", "1",
-                                     "--heartbeat-interval", "1", "--grace-period", "4", "--poll", "0.5"]
-    first = ablate(out, tiny_policy_dir, *args, "--no-report")
+def test_killed_worker_cell_is_retried(tiny_policy_dir: str, tmp_path: Path, storage: str) -> None:
+    args = ["--storage", storage, "--rows", "full", "--seeds", "0", "--steps", "1", "--val-every", "1",
+            "--heartbeat-interval", "1", "--grace-period", "6", "--poll", "0.5"]
+    first = ablate(tmp_path / "sweep", tiny_policy_dir, *args, "--no-report")
+    logs = tmp_path / "sweep" / "logs"
     deadline = time.monotonic() + 120
-    while not (out / "logs").exists() or not any((out / "logs").iterdir()):
+    while not logs.exists() or not any(logs.iterdir()):
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.2)
-    time.sleep(2.0)  # the fit is under way
+    time.sleep(1.0)  # the fit is under way
     first.send_signal(signal.SIGKILL)
     first.wait()
-    log = finish(ablate(out, tiny_policy_dir, *args))
-    assert complete_cells(out) == collections.Counter({("full", 0): 1, ("full", 1): 1})
-    failed = [t for t in trials(out) if t.state == TrialState.FAIL]
-    assert len(failed) == 1  # the killed cell, failed as stale and re-enqueued
-    retry = next(t for t in trials(out) if t.user_attrs.get("retry_of") == failed[0].number)
-    assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_reason"].startswith("stale")
-    assert "[ablate] 2/2 done" in log and (out / "table2.csv").exists()
+    log = finish(ablate(tmp_path / "sweep", tiny_policy_dir, *args))
+    assert "s for a stale cell's heartbeat (full/seed0, trial 0, silent" in log  # it says what it waits for
+    done = trials(tmp_path, storage)
+    assert complete_cells(done) == collections.Counter({("full", 0): 1})
+    stale = done[0]
+    assert stale.state == TrialState.FAIL and "error" not in stale.user_attrs or stale.user_attrs["error"] is None
+    retry = next(t for t in done if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == stale.number)
+    assert retry.state == TrialState.COMPLETE and cell_of(retry) == cell_of(stale)
+    assert "[ablate] 1/1 done" in log and (tmp_path / "sweep" / "table2.csv").exists()
+
+
+def test_cell_launched_as_two_torchrun_nodes_is_scored(tiny_policy_dir: str, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    ddp = ["--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=2",
+           "--data.init_args.world.train_size=4"]  # 2 questions per step on each of the 2 ranks
+    log = finish(ablate(out, tiny_policy_dir, "--rows", "full", "--seeds", "0", "--steps", "2", "--val-every", "2",
+                        "--launcher", TWO_NODES, *[f"--set={a}" for a in ddp]))
+    assert "[ablate] 1/1 done" in log
+    (trial,) = trials(out)
+    run = Path(trial.user_attrs["run_dir"])
+    job_log = Path(trial.user_attrs["log_path"]).read_text()
+    # Lightning took the world from torchrun's environment: two ranks, one per "node".
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in job_log and "GLOBAL_RANK: 1, MEMBER: 2/2" in job_log
+    assert "All distributed processes registered. Starting with 2 processes" in job_log
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+    assert (cfg["num_nodes"], str(cfg["devices"]), cfg["strategy"]) == (2, "1", "ddp")
+    final = [float(r["val/accuracy"]) for r in _metrics(run) if r.get("val/accuracy")][-1]
+    assert trial.state == TrialState.COMPLETE and trial.value == final and trial.user_attrs["steps"] == 2

@@ -1,4 +1,4 @@
-"""sweeps/revalidate.py on a real (tiny) fit's run folder: the decoding override reaches validation."""
+"""reports/revalidate.py on a real (tiny) fit's run folder: the decoding override reaches validation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diva_lightning.cli import run_cli
-from sweeps.revalidate import Score, decoding_args, revalidate, write
+from reports.revalidate import Score, decoding_args, revalidate, write
 from tests.test_module import small_args
 
 

@@ -10,15 +10,22 @@ import pytest
 
 from sweeps.report import RunData, signal_table, write_report
 from sweeps.runlog import read_metrics, series, val_curve, val_times
-from sweeps.tables import efficiency, first_reach, mean_curve, mean_std, table2
+from sweeps.tables import efficiency, first_reach, fmt, mean_curve, mean_std, signed, table2
 
 
 def test_mean_std_is_sample_std() -> None:
     # [0.2, 0.3, 0.4]: mean 0.3, squared deviations 0.01 + 0 + 0.01 = 0.02, / (3 - 1) = 0.01, sqrt = 0.1
     m, s = mean_std([0.2, 0.3, 0.4])
     assert m == pytest.approx(0.3) and s == pytest.approx(0.1)
-    assert mean_std([0.7]) == (0.7, 0.0)
+    m, s = mean_std([0.7])  # one seed: a mean, but no spread to estimate
+    assert m == 0.7 and math.isnan(s)
     assert all(math.isnan(v) for v in mean_std([]))
+
+
+def test_fmt_says_na_where_a_statistic_does_not_exist() -> None:
+    assert fmt(0.4312, 0.0123) == "0.431 ± 0.012"
+    assert fmt(*mean_std([0.4312])) == "0.431 ± n/a"  # one seed: no "± 0.000"
+    assert fmt(0.5) == "0.500" and fmt(math.nan) == "n/a" and signed(math.nan) == "n/a"
 
 
 def test_table2_means_stds_and_deltas_to_full() -> None:
@@ -107,12 +114,31 @@ def test_report_tables_and_plots(tmp_path: Path) -> None:
     assert float(eff["full"]["step_ratio"]) == pytest.approx(0.5)
     text = report.read_text()
     assert "| full | 2 | 0.700 ± 0.141 | +0.000 |" in text
-    # zero-spread means over 4 steps x 2 seeds: (0.5 + 0.5 + 0.25 + 0.25) / 4; unlogged split columns show "-"
+    # zero-spread means over 4 steps x 2 seeds: (0.5 + 0.5 + 0.25 + 0.25) / 4; unlogged columns say "n/a"
     assert signal_table(runs, ("frac_reward_zero_std", "frac_reward_zero_std/hint")).splitlines()[2] == (
-        "| full | 0.375 | - |")
+        "| full | 0.375 | n/a |")
     assert "## Zero-spread local groups by prompt kind" in text
     import matplotlib.image as mpimg
 
     for name in ("val_accuracy_vs_step", "val_accuracy_vs_time", "frac_reward_zero_std", "difficulty_hist_full"):
         img = mpimg.imread(tmp_path / "out" / f"{name}.png")
         assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0  # a real, non-blank picture
+
+
+def test_one_seed_prints_na_and_rows_without_variants_leave_variant_metrics_blank(tmp_path: Path) -> None:
+    runs = []
+    for row, variants in (("full", 1), ("grpo", 0)):
+        p = tmp_path / "runs" / row / "metrics.csv"
+        _write_metrics(p, [0.2, 0.4], [0.5, 0.5, 0.25, 0.25], hist=False)
+        (p.parent / "config.yaml").write_text(f"data:\n  init_args:\n    num_variants: {variants}\n")
+        runs.append(RunData.load(row, 0, p))
+    assert [r.variants for r in runs] == [1, 0]
+    for r in runs:  # the monitor logs a rescue rate of 0 on GRPO too: meaningless there
+        for m in r.metrics:
+            m["variant_rescue_rate"] = 0.0
+    text = write_report(runs, tmp_path / "out").read_text()
+    assert "| full | 1 | 0.400 ± n/a | +0.000 | 0.400 ± n/a | +0.000 |" in text and "± 0.000" not in text
+    table = signal_table(runs, ("frac_reward_zero_std", "variant_rescue_rate")).splitlines()
+    assert table[2:] == ["| full | 0.375 | 0.000 |", "| grpo | 0.375 |  |"]
+    with open(tmp_path / "out" / "table2.csv") as f:
+        assert next(csv.DictReader(f))["final_std"] == ""  # absent, not 0 and not "nan"

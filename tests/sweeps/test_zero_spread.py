@@ -1,4 +1,4 @@
-"""sweeps/zero_spread.py: the equal-budget bound by hand and by properties, and a real measurement of a policy."""
+"""reports/zero_spread.py: the equal-budget bound by hand and by properties, and a real measurement of a policy."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diva_lightning.core.metrics import zero_spread_probability
-from sweeps.zero_spread import (
+from reports.zero_spread import (
     crossover,
     diva_floor,
     main,

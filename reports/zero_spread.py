@@ -1,8 +1,8 @@
 """Where DIVA-GRPO can lower the zero-spread rate of local groups, and where it cannot, at an equal rollout budget.
 
-    python sweeps/zero_spread.py --out docs/zero_spread.png                       # the curves only
-    python sweeps/zero_spread.py --measure --temperatures 1.0 0.7 --samples 20   # + the policy's own questions
-    python sweeps/zero_spread.py --sweep outputs/zs --out docs/zero_spread.png   # + a sweep's runs, by prompt kind
+    python reports/zero_spread.py --out docs/zero_spread.png                       # the curves only
+    python reports/zero_spread.py --measure --temperatures 1.0 0.7 --samples 20   # + the policy's own questions
+    python reports/zero_spread.py --sweep outputs/zs --out docs/zero_spread.png   # + a sweep's runs, by prompt kind
 
 A question the policy answers right with probability ``p`` gives a zero-spread group of ``n`` responses with
 probability ``P0(p, n) = p**n + (1 - p)**n`` (``diva_lightning.core.metrics.zero_spread_probability``). GRPO

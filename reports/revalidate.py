@@ -1,6 +1,6 @@
 """Re-validate a sweep's trained policies (and the base policy) under another decoding, e.g. the paper's.
 
-    python sweeps/revalidate.py --sweep outputs/zs --temperature 0.6 --top-p 0.95 --samples 4
+    python reports/revalidate.py --sweep outputs/zs --temperature 0.6 --top-p 0.95 --samples 4
 
 Each run folder `runs/<row>/<seed>/` of an `ablate.py` sweep holds `config.yaml` (the resolved config) and
 `policy/` (the trained policy, exported at the end of fit). Each is validated with `python -m diva_lightning
