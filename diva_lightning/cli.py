@@ -21,6 +21,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from diva_lightning.checkpointing import verify_checkpoint
 from diva_lightning.data.datamodule import DivaDataModule
 from diva_lightning.module import DivaGRPOModule
 
@@ -76,6 +77,17 @@ class DivaCLI(LightningCLI):
         model = self.model
         if isinstance(model, DivaGRPOModule) and model.is_embedded and cfg.get("build_base_policy", True):
             ensure_base_policy(model.policy_path, cfg.get("base_policy_recipe", WARMUP_RECIPE))
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI torch.loads --ckpt_path for its hyperparameters right after parsing, before the Trainer's
+        # checkpoint plugin sees it: check the file first, so a damaged one is an error naming it and the
+        # folder's other checkpoints (a bare EOFError otherwise).
+        sub = self.config.get("subcommand")
+        cfg = self.config.get(sub) if sub else self.config
+        ckpt = cfg.get("ckpt_path") if cfg is not None else None
+        if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc", "registry") and "://" not in ckpt:
+            verify_checkpoint(ckpt)
 
     def before_instantiate_classes(self) -> None:
         _STATE["training"] = False

@@ -43,3 +43,16 @@ def test_a_command_line_run_prints_no_spurious_warning(tmp_path: Path) -> None:
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "args parameter is intended to run from within Python" not in done.stderr + done.stdout
+
+
+def test_a_damaged_checkpoint_is_named_before_lightning_loads_it(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """LightningCLI torch.loads --ckpt_path right after parsing: a 0-byte file used to be a bare EOFError."""
+    (tmp_path / "epoch=0-step=20.ckpt").write_bytes(b"PK\x03\x04 not a whole archive")
+    damaged = tmp_path / "last.ckpt"
+    damaged.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", FULL, "--ckpt_path", str(damaged)])
+    err = capsys.readouterr().err
+    assert f"cannot resume from checkpoint {damaged}: the file is empty (0 bytes)" in err
+    assert "epoch=0-step=20.ckpt" in err  # the folder's other checkpoints are offered
