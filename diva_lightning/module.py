@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
+from transformers import AutoConfig
 from typing_extensions import override
 
 from diva_lightning.algorithms import AdvantageEstimator, DivaAdvantage
@@ -46,7 +48,12 @@ from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.lora import apply_lora, is_lora, lora_scale, merge_lora_state_dict
-from diva_lightning.models.policy import PolicyBundle, load_policy
+from diva_lightning.models.policy import (
+    PolicyBundle,
+    load_policy,
+    load_tokenizer_and_processor,
+    resolve_policy_source,
+)
 from diva_lightning.models.prompt import PromptConfig
 from diva_lightning.models.vision import VisionSpec
 from diva_lightning.rewards import CombinedReward, Reward
@@ -56,6 +63,7 @@ from diva_lightning.training import sharding
 from diva_lightning.training.config import CorrectionConfig, LossConfig, PolicyConfig, SamplingConfig
 from diva_lightning.training.ppo import PPOUpdate, UpdateBatch
 from diva_lightning.training.precision import MasterWeightAdamW, check_precision, needs_master_weights
+from diva_lightning.training.prompt_budget import PromptMeasure, longest_prompt, prompt_limit
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +197,27 @@ class DivaGRPOModule(pl.LightningModule):
         problems += check_precision(self.policy_cfg.dtype, precision, sharded=self.sharded)
         if problems:
             raise ValueError("DivaGRPOModule: " + "; ".join(problems))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "enforce_prompt_budget"):
+            self._enforce_prompt_budget(datamodule)
+
+    def _enforce_prompt_budget(self, datamodule: Any) -> None:
+        """Every question's longest prompt must fit (before the model loads: tokenizer and config only)."""
+        source, local = resolve_policy_source(self.policy_path)
+        tokenizer, processor = load_tokenizer_and_processor(source, local_only=local)
+        spec = VisionSpec.from_processor(processor)
+        lo, hi = self.pixel_budget(spec)
+        measure = PromptMeasure(tokenizer, self.prompt, replace(spec, min_pixels=lo, max_pixels=hi))
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+        context = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        budget = max(self.train_sampling.max_new_tokens, self.val_sampling.max_new_tokens)
+        limit = prompt_limit(context=context, max_new_tokens=budget,
+                             max_prompt_length=self.policy_cfg.max_prompt_length)
+
+        def longest(record: Any, sizes: list[tuple[int, int]], with_variants: bool) -> int:
+            return longest_prompt(record, measure, sizes, with_variants=with_variants)
+
+        datamodule.enforce_prompt_budget(longest, limit, self.policy_cfg.prompt_overflow)
 
     # ------------------------------------------------------------------------------------------------ model
     def _load(self) -> PolicyBundle:

@@ -17,7 +17,7 @@ training): the work per batch is tiny and it must see the live difficulty table.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -302,6 +302,47 @@ class DivaDataModule(pl.LightningDataModule):
                 len(self.train_records), self.questions_per_step, self.num_variants, self.num_generations,
                 rollouts,
             )
+
+    def enforce_prompt_budget(self, longest: Callable[[QuestionRecord, list[tuple[int, int]], bool], int],
+                              limit: int, overflow: str) -> int:
+        """Report or drop the questions whose longest prompt exceeds ``limit`` tokens, in every loaded set.
+
+        Args:
+            longest: (record, image sizes, whether variants are planned) -> its longest prompt in tokens.
+            limit: the longest prompt allowed.
+            overflow: "error" (one RecordError listing every such question by file, row and id) or "skip"
+                (dropped, counted in a warning).
+        Returns:
+            the number of questions dropped.
+        """
+        problems: list[RowProblem] = []
+        sets: list[tuple[str, dict[str, list[QuestionRecord]]]] = [
+            ("train", {"": self.train_records}), ("val", self.val_sets), ("test", self.test_sets)]
+        for split, named in sets:
+            for name, records in named.items():
+                keep = []
+                for record in records:
+                    n = longest(record, self.images.sizes(record), split == "train" and self.num_variants > 0)
+                    if n <= limit:
+                        keep.append(record)
+                        continue
+                    where = record.data_file or f"<{split} {name or 'world'}>"  # records built in code
+                    problems.append(RowProblem(where, record.row or 0, "problem", f"its longest prompt (images and "
+                                               f"variants included) is {n} tokens, over the limit of {limit}",
+                                               record.id))
+                named[name] = keep
+        self.train_records = sets[0][1][""]
+        problems = list(dict.fromkeys(problems))  # a file used for train and val is reported once
+        if problems and overflow == "error":
+            raise RecordError(problems)
+        if self.train_records and len(self.train_records) < self.questions_per_step * self._world_size:
+            raise ValueError(f"DivaDataModule: after dropping {len(problems)} too-long question(s), "
+                             f"{len(self.train_records)} cannot fill one step of {self.questions_per_step} x "
+                             f"{self._world_size} ranks")
+        if problems:
+            log.warning("DIVA data: skipped %d question(s) whose prompt exceeds %d tokens (prompt_overflow=skip), "
+                        "first: %s", len(problems), limit, problems[0])
+        return len(problems)
 
     def initial_difficulties(self) -> dict[str, float]:
         """Starting difficulties of the training questions whose record sets one (other than the default 5):

@@ -217,6 +217,12 @@ class ImageStore:
         """Memory held by the decoded pixels."""
         return sum(img.numel() for imgs in self._images.values() for img in imgs)
 
+    def sizes(self, record: QuestionRecord) -> list[tuple[int, int]]:
+        """(height, width) of each of the record's images (decoding them on the first request)."""
+        if self.key(record) not in self._images:
+            self.get(record)
+        return [(int(img.shape[-2]), int(img.shape[-1])) for img in self._images[self.key(record)]]
+
     def get(self, record: QuestionRecord) -> list[Tensor]:
         """The record's images as float32 ``[3, H, W]`` in ``[0, 1]``, decoding them on the first request."""
         key = self.key(record)
