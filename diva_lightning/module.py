@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,10 @@ from typing_extensions import override
 
 from diva_lightning.algorithms import AdvantageEstimator, DivaAdvantage
 from diva_lightning.core.correction import importance_weights
+from diva_lightning.core.filtering import select_units, spread_filter
 from diva_lightning.core.loss import truncation_mask
 from diva_lightning.core.seeding import stable_seed
-from diva_lightning.data.batch import FamilyBatch
+from diva_lightning.data.batch import FamilyBatch, merge_families
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.lora import apply_lora, is_lora, lora_scale, merge_lora_state_dict
 from diva_lightning.models.policy import (
@@ -56,11 +57,17 @@ from diva_lightning.models.policy import (
 )
 from diva_lightning.models.prompt import PromptConfig
 from diva_lightning.models.vision import VisionSpec
-from diva_lightning.rewards import CombinedReward, Reward
-from diva_lightning.rollout.base import RolloutEngine
+from diva_lightning.rewards import CombinedReward, Reward, RewardBreakdown
+from diva_lightning.rollout.base import Rollout, RolloutEngine
 from diva_lightning.rollout.hf import HFGenerateEngine
 from diva_lightning.training import sharding
-from diva_lightning.training.config import CorrectionConfig, LossConfig, PolicyConfig, SamplingConfig
+from diva_lightning.training.config import (
+    CorrectionConfig,
+    DynamicSamplingConfig,
+    LossConfig,
+    PolicyConfig,
+    SamplingConfig,
+)
 from diva_lightning.training.ppo import PPOUpdate, UpdateBatch
 from diva_lightning.training.precision import MasterWeightAdamW, check_precision, needs_master_weights
 from diva_lightning.training.prompt_budget import PromptMeasure, longest_prompt, prompt_limit
@@ -72,7 +79,8 @@ MAX_LEVEL = 10  # per-level validation metrics are kept for intrinsic levels 1..
 AUTHORS_PIXELS = (262_144, 1_048_576)
 EMBEDDED_POLICIES = ("artifacts/base_policy",)  # config values naming the embedded base policy
 
-__all__ = ["CorrectionConfig", "DivaGRPOModule", "LossConfig", "PolicyConfig", "SamplingConfig"]
+__all__ = ["CorrectionConfig", "DivaGRPOModule", "DynamicSamplingConfig", "LossConfig", "PolicyConfig",
+           "SamplingConfig"]
 
 
 class DivaGRPOModule(pl.LightningModule):
@@ -92,6 +100,8 @@ class DivaGRPOModule(pl.LightningModule):
         loss: clipping, aggregation, ratio level (GSPO), truncation masking, KL and entropy settings.
         rollout_correction: importance-sampling correction of engine/trainer mismatch (needs an engine that
             returns its sampling log-probs); null turns it off.
+        dynamic_sampling: DAPO-style: drop zero-spread groups, draw more questions until the batch is full
+            (rollouts are counted as generated: `rollouts/generated`); null turns it off.
         ppo_epochs: passes over each round's responses.
         mini_batch_size: responses per optimizer step (None: all responses of the round, one step per epoch).
         micro_batch_size: responses per forward/backward (memory knob; None: the whole mini-batch).
@@ -113,6 +123,7 @@ class DivaGRPOModule(pl.LightningModule):
         val_sampling: SamplingConfig | None = None,
         loss: LossConfig | None = None,
         rollout_correction: CorrectionConfig | None = None,
+        dynamic_sampling: DynamicSamplingConfig | None = None,
         ppo_epochs: int = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
@@ -130,10 +141,13 @@ class DivaGRPOModule(pl.LightningModule):
         self.val_sampling = val_sampling or SamplingConfig(temperature=0.0, top_p=1.0)
         self.loss_cfg = loss or LossConfig()
         self.correction = rollout_correction
+        self.dynamic_sampling = dynamic_sampling
         problems = self.prompt.check() + self.policy_cfg.check() + self.loss_cfg.check()
         problems += self.train_sampling.check("train_sampling") + self.val_sampling.check("val_sampling")
         if self.correction is not None:
             problems += self.correction.check()
+        if self.dynamic_sampling is not None:
+            problems += self.dynamic_sampling.check()
         if num_generations < 1:
             problems.append(f"num_generations must be >= 1, got {num_generations}")
         if self.train_sampling.num_samples != 1:
@@ -161,6 +175,7 @@ class DivaGRPOModule(pl.LightningModule):
         self.reference: torch.nn.Module | None = None
         self.difficulty_table: Any = None  # attached by DifficultyCallback when present
         self._generation_ready = False
+        self.rollouts_generated = 0  # responses sampled since the start of training (checkpointed)
         self.val_accuracy = MeanMetric()
         self.val_format = MeanMetric()
         self.val_level = torch.nn.ModuleList([MeanMetric() for _ in range(MAX_LEVEL)])
@@ -326,27 +341,71 @@ class DivaGRPOModule(pl.LightningModule):
         return self.reward(texts, answers)
 
     # ---------------------------------------------------------------------------------------------- training
+    def _rollout_round(self, batch: FamilyBatch, draw: int, timings: dict[str, float]) -> _Round:
+        """Encode, sample G responses per prompt and grade them (seconds added to ``timings``)."""
+        t = time.perf_counter()
+        inputs = self._encode(batch)
+        with torch.no_grad():  # the engine mixes in the rank
+            roll = self._sample(inputs, self.train_sampling, self.num_generations,
+                                stable_seed("rollout", self.seed, self.global_step, *(("draw", draw) if draw else ())))
+        timings["rollout"] = timings.get("rollout", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        prompt_ids = roll.prompt_index.to(self.device)
+        graded = self._grade(roll.texts, [batch.answers[i] for i in prompt_ids.tolist()])
+        timings["reward"] = timings.get("reward", 0.0) + time.perf_counter() - t
+        return _Round(batch, inputs, roll, graded)
+
+    def _dynamic_sampling(self, first: _Round, timings: dict[str, float]) -> tuple[_Round, dict[str, float]]:
+        """DAPO: keep whole groups with reward spread, draw more questions until the batch is full (or the budget
+        is spent; then zero-spread groups fill it), every rank drawing as often as the neediest one."""
+        ds = self.dynamic_sampling
+        assert ds is not None
+        family = ds.unit == "family"
+        target = first.batch.num_questions if family else len(first.batch)
+        rounds = [first]
+
+        def filt(r: _Round) -> Any:
+            return spread_filter(r.rewards, r.prompt_ids, family_ids=r.family_ids if family else None)
+
+        filters = [filt(first)]
+        while len(rounds) < ds.max_draws and self._min_over_ranks(sum(f.num_spread_units for f in filters)) < target:
+            extra = self.trainer.datamodule.extra_families(self.device)
+            rounds.append(self._rollout_round(extra, len(rounds), timings))
+            filters.append(filt(rounds[-1]))
+        selection = select_units(filters, target)
+        merged = _Round.merge(rounds, selection.keep, pad_id=int(self.bundle.tokenizer.pad_token_id))  # type: ignore[union-attr]
+        merged.inputs = self._encode(merged.batch)
+        stats = {
+            "dynamic_sampling/draws": float(len(rounds)),
+            "dynamic_sampling/generated_rollouts": float(selection.generated_rollouts),
+            "dynamic_sampling/kept_rollouts": float(selection.kept_rollouts),
+            "dynamic_sampling/filled_units": float(selection.num_filled),
+            "dynamic_sampling/frac_spread_units": selection.spread_units / max(selection.generated_units, 1),
+        }
+        return merged, stats
+
+    def _min_over_ranks(self, value: int) -> int:
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t)
+
     @override
     def training_step(self, batch: FamilyBatch, batch_idx: int) -> dict[str, Any]:
         assert self.bundle is not None and self.policy is not None
         timings: dict[str, float] = {}
-        t = time.perf_counter()
-        inputs = self._encode(batch)
-        with torch.no_grad():
-            roll = self._sample(inputs, self.train_sampling, self.num_generations,
-                                stable_seed("rollout", self.seed, self.global_step))  # the engine mixes in the rank
-        timings["rollout"] = time.perf_counter() - t
+        round_ = self._rollout_round(batch, 0, timings)
+        sampling_stats: dict[str, float] = {}
+        if self.dynamic_sampling is not None:
+            round_, sampling_stats = self._dynamic_sampling(round_, timings)
+        generated = sampling_stats.get("dynamic_sampling/generated_rollouts", float(round_.roll.num_responses))
+        self.rollouts_generated += int(generated)
 
-        t = time.perf_counter()
-        prompt_ids = roll.prompt_index.to(self.device)
-        answers = [batch.answers[i] for i in prompt_ids.tolist()]
-        graded = self._grade(roll.texts, answers)
-        rewards = graded.reward.to(self.device, torch.float32)
+        batch, inputs, roll, graded = round_.batch, round_.inputs, round_.roll, round_.graded
+        prompt_ids, family_ids, rewards = round_.prompt_ids, round_.family_ids, round_.rewards
         accuracy = graded.accuracy.to(self.device, torch.float32)
-        timings["reward"] = time.perf_counter() - t
-
         t = time.perf_counter()
-        family_ids = batch.family_index[prompt_ids]
         labels = batch.difficulty[prompt_ids]
         advantages = self.advantage(rewards, prompt_ids, family_ids, labels).to(torch.float32)
         timings["advantage"] = time.perf_counter() - t
@@ -358,10 +417,15 @@ class DivaGRPOModule(pl.LightningModule):
         self.engine.wake()
         timings["update"] = time.perf_counter() - t
 
-        n = len(answers)
-        self.log_dict(update_stats, on_step=True, on_epoch=False, prog_bar=False, batch_size=n)
-        for kind, count in batch.meta.get("fallbacks", {}).items():
-            self.log(f"data/variant_fallbacks/{kind}", float(count), on_step=True, on_epoch=False, batch_size=n)
+        n = roll.num_responses
+        self.log_dict({**update_stats, **sampling_stats}, on_step=True, on_epoch=False, prog_bar=False, batch_size=n)
+        for part in batch.meta.get("parts", [batch.meta]):
+            for kind, count in part.get("fallbacks", {}).items():
+                self.log(f"data/variant_fallbacks/{kind}", float(count), on_step=True, on_epoch=False, batch_size=n)
+        # rollouts generated so far over all ranks (dynamic sampling's dropped draws included): what budgets compare.
+        # Every rank draws as often as the others and each draw has the same size, so it is rank count x world.
+        self.log("rollouts/generated", float(self.rollouts_generated * self.trainer.world_size), on_step=True,
+                 on_epoch=False)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         self.log("reward", rewards.mean(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         if roll.finished is not None:  # TRL's name: responses cut at max_new_tokens
@@ -383,6 +447,14 @@ class DivaGRPOModule(pl.LightningModule):
             "advantages": advantages.detach(),
             "timings": timings,
         }
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diva_rollouts_generated"] = self.rollouts_generated
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.rollouts_generated = int(checkpoint.get("diva_rollouts_generated", 0))
 
     def _score(self, model: torch.nn.Module, inputs: dict[str, Tensor], roll: Any, rows: list[int], *,
                entropy: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -560,3 +632,42 @@ class _Hooks:
 
     def token_denominator(self, mask: Tensor) -> float:
         return self.module._global_token_count(mask)
+
+
+@dataclass
+class _Round:
+    """One rollout round: the prompts, their encoding, the responses and their grades."""
+
+    batch: FamilyBatch
+    inputs: dict[str, Tensor]
+    roll: Rollout
+    graded: Any
+
+    @property
+    def prompt_ids(self) -> Tensor:
+        return self.roll.prompt_index.to(self.batch.family_index.device)
+
+    @property
+    def family_ids(self) -> Tensor:
+        return self.batch.family_index[self.prompt_ids]
+
+    @property
+    def rewards(self) -> Tensor:
+        return self.graded.reward.to(self.batch.family_index.device, torch.float32)
+
+    @staticmethod
+    def merge(rounds: list[_Round], keep: list[Tensor], *, pad_id: int) -> _Round:
+        """The kept responses of several rounds as one (``inputs`` must be re-encoded by the caller)."""
+        parts, rolls, grades = [], [], []
+        offset = 0
+        for r, mask in zip(rounds, keep):
+            rows = mask.nonzero().flatten().tolist()
+            prompts = list(dict.fromkeys(int(r.roll.prompt_index[i]) for i in rows))  # whole groups, in order
+            new_index = {p: offset + k for k, p in enumerate(prompts)}
+            offset += len(prompts)
+            parts.append((r.batch, prompts))
+            index = torch.tensor([new_index[int(r.roll.prompt_index[i])] for i in rows], dtype=torch.long)
+            rolls.append(r.roll.select(rows, index))
+            grades.append([getattr(r.graded, f)[rows] for f in ("reward", "accuracy", "format")])
+        graded = RewardBreakdown(*(torch.cat([g[k] for g in grades]) for k in range(3)))
+        return _Round(merge_families(parts), {}, Rollout.cat(rolls, pad_id=pad_id), graded)

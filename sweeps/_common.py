@@ -24,8 +24,11 @@ ROWS: dict[str, tuple[str, ...]] = {
     # Optional baseline, not in the default matrix: GRPO with DIVA's group size (G=5) and twice the questions per
     # step, the same rollout budget (the authors' GRPO_n=5 runs). Per-prompt zero-spread rates compare like for like.
     "grpo_n5": ("experiments/grpo.yaml", "experiments/grpo_n5.yaml"),
+    # Optional baseline: GRPO with DAPO-style dynamic sampling (zero-spread groups dropped, more questions drawn);
+    # it generates more rollouts per step than the other rows: compare at equal `rollouts/generated`.
+    "dapo": ("experiments/grpo.yaml", "experiments/dapo.yaml"),
 }
-EXTRA_ROWS: tuple[str, ...] = ("grpo_n5",)  # baselines outside the paper's Table 2, run only when asked for
+EXTRA_ROWS: tuple[str, ...] = ("grpo_n5", "dapo")  # baselines outside the paper's Table 2, run only when asked for
 TABLE2_ROWS: tuple[str, ...] = tuple(r for r in ROWS if r not in EXTRA_ROWS)
 FULL_ROW, BASELINE_ROW = "full", "grpo"
 

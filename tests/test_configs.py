@@ -24,6 +24,7 @@ OVERLAYS = {
 }
 GRPO_N5 = REPO / "experiments/grpo_n5.yaml"  # stacked on grpo.yaml
 FSDP = REPO / "experiments/fsdp.yaml"  # a sharding overlay for any job
+DAPO = REPO / "experiments/dapo.yaml"  # stacked on grpo.yaml
 # What each overlay may change relative to full.yaml (besides the logger's experiment name).
 EXPECTED_DIFF = {
     "grpo": {"model.init_args.num_generations", "model.init_args.advantage", "data.init_args.num_variants",
@@ -128,6 +129,15 @@ def test_fsdp_overlay_shards_and_changes_nothing_else(tmp_path: Path) -> None:
     assert over["trainer.strategy.init_args.tensor_parallel_size"] == 1
 
 
+def test_dapo_is_grpo_plus_dynamic_sampling(tmp_path: Path) -> None:
+    grpo = _resolved(_cli(FULL, OVERLAYS["grpo"], tmp_path=tmp_path))
+    cli = _cli(FULL, OVERLAYS["grpo"], DAPO, tmp_path=tmp_path)
+    over = _resolved(cli)
+    changed = {k for k in set(grpo) | set(over) if grpo.get(k) != over.get(k) and "logger" not in k}
+    assert changed == {"model.init_args.dynamic_sampling.max_draws", "model.init_args.dynamic_sampling.unit"}
+    assert cli.model.dynamic_sampling.max_draws == 3 and cli.model.dynamic_sampling.unit == "prompt"
+
+
 def test_warmup_config_parses(tmp_path: Path) -> None:
     from diva_lightning.warmup import SFTDataModule, SFTModule, WarmupCLI
 
@@ -139,7 +149,8 @@ def test_warmup_config_parses(tmp_path: Path) -> None:
 
 def test_every_shipped_yaml_is_covered() -> None:
     shipped = {p.resolve() for p in (REPO / "experiments").rglob("*.yaml")}
-    covered = {FULL.resolve(), GRPO_N5.resolve(), FSDP.resolve(), (REPO / "experiments/warmup.yaml").resolve()}
+    covered = {FULL.resolve(), GRPO_N5.resolve(), FSDP.resolve(), DAPO.resolve(),
+               (REPO / "experiments/warmup.yaml").resolve()}
     covered |= {p.resolve() for p in OVERLAYS.values()}
     assert shipped == covered, f"untested configs: {sorted(map(str, shipped - covered))}"
 

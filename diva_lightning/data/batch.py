@@ -87,6 +87,51 @@ class FamilyBatch:
         )
 
 
+def merge_families(parts: list[tuple[FamilyBatch, list[int]]]) -> FamilyBatch:
+    """One batch of the prompts ``rows`` of each part, in order (dynamic sampling's kept groups of several draws).
+
+    Families are renumbered 0..F-1 in order of appearance; images follow their prompts; the parts' ``meta`` are
+    kept as a list under ``meta["parts"]``. The caller takes a family's prompts together (whole groups).
+    """
+    problems: list[str] = []
+    answers: list[str] = []
+    qids: list[str] = []
+    keys = ("is_original", "difficulty", "question_difficulty", "tier", "kind", "level")
+    rows_of: dict[str, list[Tensor]] = {k: [] for k in keys}
+    family: list[int] = []
+    images: list[Tensor] = []
+    owner: list[int] = []
+    perturb: list[PerturbParams] = []
+    for batch, rows in parts:
+        first = max(family, default=-1) + 1
+        remap = {f: first + k for k, f in enumerate(dict.fromkeys(int(batch.family_index[p]) for p in rows))}
+        owners = batch.image_owner.tolist()
+        for p in rows:
+            new_p = len(problems)
+            problems.append(batch.problems[p])
+            answers.append(batch.answers[p])
+            qids.append(batch.question_ids[p])
+            family.append(remap[int(batch.family_index[p])])
+            for key in keys:
+                rows_of[key].append(getattr(batch, key)[p : p + 1])
+            picked = [j for j, o in enumerate(owners) if o == p]
+            images.extend(batch.images[j] for j in picked)
+            owner.extend([new_p] * len(picked))
+            if picked:
+                perturb.append(batch.perturb.select(torch.tensor(picked)))
+    device = parts[0][0].family_index.device
+    return FamilyBatch(
+        problems=problems, answers=answers, question_ids=qids,
+        family_index=torch.tensor(family, dtype=torch.long, device=device),
+        is_original=torch.cat(rows_of["is_original"]), difficulty=torch.cat(rows_of["difficulty"]),
+        question_difficulty=torch.cat(rows_of["question_difficulty"]), tier=torch.cat(rows_of["tier"]),
+        kind=torch.cat(rows_of["kind"]), level=torch.cat(rows_of["level"]),
+        images=images, image_owner=torch.tensor(owner, dtype=torch.long, device=device),
+        perturb=PerturbParams.cat(perturb) if perturb else PerturbParams.from_list([], device=device),
+        meta={"parts": [b.meta for b, _ in parts]},
+    )
+
+
 @dataclass
 class QuestionBatch:
     """What the dataloader yields: B original questions, before variant planning (done at step time)."""

@@ -204,6 +204,7 @@ class DivaDataModule(pl.LightningDataModule):
         self.on_error = on_error
         self.difficulty_table: DifficultyTable | None = None  # attached by DifficultyCallback
         self.position = 0  # training batches consumed (global step of the data stream)
+        self.extra_position = 0  # batches drawn by dynamic sampling (a stream of its own)
         self.max_field_chars = max_field_chars
         self.train_records: list[QuestionRecord] = []
         self.val_sets: dict[str, list[QuestionRecord]] = {}  # per named source ("" for an unnamed one)
@@ -361,10 +362,11 @@ class DivaDataModule(pl.LightningDataModule):
     def batches_per_epoch(self) -> int:
         return len(self.train_records) // (self.questions_per_step * self._world_size)
 
-    def question_batch(self, position: int) -> QuestionBatch:
-        """The rank's questions for global batch `position` (deterministic in seed, position, rank)."""
+    def question_batch(self, position: int, *, stream: str = "order") -> QuestionBatch:
+        """The rank's questions for global batch `position` of a stream (deterministic in seed, stream, position,
+        rank): "order" is the training stream; "extra" the questions dynamic sampling draws on top."""
         epoch, k = divmod(position, self.batches_per_epoch)
-        g = torch.Generator().manual_seed(stable_seed("order", self.seed, epoch))
+        g = torch.Generator().manual_seed(stable_seed(stream, self.seed, epoch))
         order = torch.randperm(len(self.train_records), generator=g)
         per_step = self.questions_per_step * self._world_size
         start = k * per_step + self._rank * self.questions_per_step
@@ -453,6 +455,20 @@ class DivaDataModule(pl.LightningDataModule):
             meta={"position": qb.position, "fallbacks": fallbacks},
         )
 
+    def extra_families(self, device: torch.device | str) -> FamilyBatch:
+        """One more batch of question families for dynamic sampling, ready for the policy (planned, on
+        ``device``, images perturbed), from a stream of its own so the training stream's position is untouched.
+
+        Its position (saved with the data module's state, so a resumed run draws the same questions) is kept
+        negative in the batch, so its plans and noise never repeat a training batch's.
+        """
+        qb = self.question_batch(self.extra_position, stream="extra")
+        qb = QuestionBatch(qb.records, qb.images, position=-(1 + self.extra_position))
+        self.extra_position += 1
+        batch = self.build_families(qb, self.num_variants).to(device)
+        batch.images = apply_perturbations(batch.images, batch.perturb)
+        return batch
+
     # --------------------------------------------------------------------------------------------- hooks
     @override
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -472,11 +488,12 @@ class DivaDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------ resumption
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "fallbacks": self.fallbacks}
+        return {"position": self.position, "extra_position": self.extra_position, "fallbacks": self.fallbacks}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.position = int(state_dict.get("position", 0))
+        self.extra_position = int(state_dict.get("extra_position", 0))
         self.fallbacks = int(state_dict.get("fallbacks", 0))
 
 

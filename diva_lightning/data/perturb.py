@@ -135,6 +135,11 @@ class PerturbParams:
     def to(self, device: torch.device | str) -> PerturbParams:
         return PerturbParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    @classmethod
+    def cat(cls, parts: Sequence[PerturbParams]) -> PerturbParams:
+        """The samples of several parameter sets, in order."""
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
     def select(self, index: Tensor) -> PerturbParams:
         """Rows ``index`` (int64 [n] or bool [B])."""
         index = index.to(self.seed.device)

@@ -40,6 +40,37 @@ class Rollout:
         if len(self.texts) != n:
             raise ValueError(f"{len(self.texts)} texts for {n} responses")
 
+    def select(self, rows: list[int], prompt_index: torch.Tensor) -> Rollout:
+        """Responses ``rows``, answering the prompts ``prompt_index`` [len(rows)] of some other batch."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+        return Rollout(
+            prompt_index=prompt_index.to(self.completion_ids.device),
+            completion_ids=self.completion_ids[index],
+            completion_mask=self.completion_mask[index],
+            texts=[self.texts[i] for i in rows],
+            old_logp=None if self.old_logp is None else self.old_logp[index],
+            finished=None if self.finished is None else self.finished[index],
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[Rollout], *, pad_id: int) -> Rollout:
+        """The responses of several rollouts, in order (completions right-padded to the longest)."""
+        width = max(p.completion_ids.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        with_logp = all(p.old_logp is not None for p in parts)
+        with_finished = all(p.finished is not None for p in parts)
+        return Rollout(
+            prompt_index=torch.cat([p.prompt_index for p in parts]),
+            completion_ids=torch.cat([pad(p.completion_ids, pad_id) for p in parts]),
+            completion_mask=torch.cat([pad(p.completion_mask, 0) for p in parts]),
+            texts=[t for p in parts for t in p.texts],
+            old_logp=torch.cat([pad(p.old_logp, 0.0) for p in parts]) if with_logp else None,  # type: ignore[arg-type]
+            finished=torch.cat([p.finished for p in parts]) if with_finished else None,  # type: ignore[misc]
+        )
+
     @property
     def num_responses(self) -> int:
         return int(self.completion_ids.shape[0])

@@ -97,7 +97,7 @@ class HFGenerateEngine(RolloutEngine):
         parts = [self._sample(bundle, inputs, torch.tensor([p]), num_generations, gen_config,
                               stable_seed(seed, _fingerprint(bundle, inputs, p)))
                  for p in range(num_prompts)]
-        return _concat(parts, pad_id=int(bundle.tokenizer.pad_token_id))
+        return Rollout.cat(parts, pad_id=int(bundle.tokenizer.pad_token_id))
 
     def _sample(self, bundle: PolicyBundle, inputs: Mapping[str, torch.Tensor], rows: torch.Tensor,
                 num_generations: int, gen_config: GenerationConfig, seed: int | None) -> Rollout:
@@ -166,20 +166,3 @@ def _fingerprint(bundle: PolicyBundle, inputs: Mapping[str, torch.Tensor], row: 
     if "pixel_values" in single:
         digest.update(single["pixel_values"].detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _concat(parts: list[Rollout], *, pad_id: int) -> Rollout:
-    """Rollouts of successive prompt rows as one (completions right-padded to the longest)."""
-    width = max(p.completion_ids.shape[1] for p in parts)
-
-    def pad(t: torch.Tensor, value: float) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    return Rollout(
-        prompt_index=torch.cat([p.prompt_index for p in parts]),
-        completion_ids=torch.cat([pad(p.completion_ids, pad_id) for p in parts]),
-        completion_mask=torch.cat([pad(p.completion_mask, 0) for p in parts]),
-        texts=[t for p in parts for t in p.texts],
-        old_logp=None if parts[0].old_logp is None else torch.cat([pad(p.old_logp, 0.0) for p in parts]),
-        finished=torch.cat([p.finished for p in parts]),  # type: ignore[misc]
-    )

@@ -107,6 +107,25 @@ class CorrectionConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """DAPO-style dynamic sampling: zero-spread groups are dropped and more questions are drawn until the batch
+    is full again (the baseline users pick instead of variants; verl's filter_groups, EasyR1's online filtering).
+    """
+
+    max_draws: int = 3
+    """Rollout rounds per step at most, the first included: the resample budget. Every rank draws as often as the
+    rank that needs most; when the budget runs out, zero-spread groups fill the batch (no gradient, same size)."""
+    unit: str = "prompt"
+    """prompt (a prompt's G responses, GRPO's group) | family (a question and its variants, DIVA's global group)."""
+
+    def check(self) -> list[str]:
+        problems = _choice("dynamic_sampling.unit", self.unit, ("prompt", "family"))
+        if self.max_draws < 1:
+            problems.append(f"dynamic_sampling.max_draws must be >= 1, got {self.max_draws}")
+        return problems
+
+
+@dataclass
 class LoraConfig:
     """LoRA adapters through PEFT (the vision tower excluded by default, as EasyR1 and verl do)."""
 

@@ -18,5 +18,8 @@ class Recorder(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
         self.outputs.append({k: v for k, v in outputs.items() if k != "timings"})
-        diff = next(c for c in trainer.callbacks if isinstance(c, DifficultyCallback))
-        self.tables.append(diff.table.as_dict())
+        # (a bare next() here raised StopIteration in runs without the callback, which Lightning's loop takes
+        # for the end of the data: the run then logged nothing)
+        diff = next((c for c in trainer.callbacks if isinstance(c, DifficultyCallback)), None)
+        if diff is not None:
+            self.tables.append(diff.table.as_dict())

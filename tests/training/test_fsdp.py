@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _fit(policy: str, root: Path, *, processes: int, steps: int, extra: tuple[str, ...] = ()) -> Path:
+def _fit(policy: str, root: Path, *, processes: int, steps: int, extra: tuple[str, ...] = (), timeout: int = 900
+         ) -> Path:
     """Run one fit; returns its log dir (metrics.csv, policy/, checkpoints/)."""
     questions = 4 // processes  # the same global batch: 4 questions per step
     args = [
@@ -49,9 +50,9 @@ def _fit(policy: str, root: Path, *, processes: int, steps: int, extra: tuple[st
                  "--trainer.devices", str(processes),
                  "--trainer.strategy.init_args.data_parallel_size", str(processes)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args + list(extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(args + list(extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return root / "grpo" / "run"
+    return next(root.glob("*/run"))  # <experiment name>/run: grpo, or the last overlay's name
 
 
 def _metrics(log_dir: Path) -> list[dict[str, str]]:
@@ -114,3 +115,15 @@ def test_sharded_resume_equals_uninterrupted(tiny_policy_dir: str, tmp_path: Pat
     wf, wr = _weights(full), _weights(resumed)
     for name in wf:
         assert torch.equal(wf[name], wr[name]), name
+
+
+def test_dynamic_sampling_draws_in_step_across_sharded_ranks(tiny_policy_dir: str, tmp_path: Path) -> None:
+    """Generation is collective under FSDP: every rank must draw as often as the neediest one, or it hangs."""
+    run = _fit(tiny_policy_dir, tmp_path, processes=2, steps=3, timeout=400,
+               extra=("--config", "experiments/dapo.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path)))
+    rows = _metrics(run)
+    assert len(rows) == 3
+    for row in rows:
+        draws = float(row["dynamic_sampling/draws"])
+        assert float(row["dynamic_sampling/kept_rollouts"]) == 2 * 3  # this rank's B=2 questions x G=3
+        assert float(row["dynamic_sampling/generated_rollouts"]) == draws * 6
