@@ -38,6 +38,7 @@ def test_truncated_responses_leave_the_loss(tiny_policy_dir: str, tmp_path: Path
     assert _logged(cli, "completions/clipped_ratio") == pytest.approx(float(truncated.double().mean()))
 
 
+@pytest.mark.slow
 def test_sequence_ratio_equals_token_ratio_on_policy_and_differs_after(tiny_policy_dir: str, tmp_path: Path) -> None:
     """GSPO's gradient equals the token-level one when the ratio is 1 (one on-policy step), and not once the
     second PPO epoch runs off-policy: the switch really reaches the loss."""
