@@ -30,7 +30,15 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from diva_lightning.data.schema import IMAGE_TAG, ImageRef, LoadReport, QuestionRecord, RecordError, RowProblem
+from diva_lightning.data.schema import (
+    IMAGE_TAG,
+    ImageRef,
+    LoadReport,
+    QuestionRecord,
+    RecordError,
+    RowProblem,
+    jsonl_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,19 +187,6 @@ def place_single_image(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- native files
-def _jsonl_rows(path: Path) -> Iterator[NativeRow]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON: {e.msg} at column {e.colno}"
-                continue
-            yield (n, obj, None) if isinstance(obj, dict) else (n, None, f"expected an object, got {_type_name(obj)}")
-
-
 def _json_rows(path: Path) -> Iterator[NativeRow]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -216,7 +211,7 @@ def native_rows(path: Path) -> Iterator[NativeRow]:
     """The rows of a benchmark file (.json, .jsonl or .parquet)."""
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file not found: {path}")
-    readers = {".json": _json_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
+    readers = {".json": _json_rows, ".jsonl": jsonl_rows, ".parquet": _parquet_rows}
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .json, .jsonl or .parquet)")

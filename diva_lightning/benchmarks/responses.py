@@ -10,6 +10,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from diva_lightning.data.schema import jsonl_rows
+
 
 def write_responses(path: str | Path, responses: Mapping[str, Sequence[str]] | Iterable[tuple[str, str]]
                     ) -> Path:
@@ -28,23 +30,17 @@ def read_responses(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     out: dict[str, list[str]] = {}
     problems: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:line {n}: invalid JSON: {e.msg} at column {e.colno}")
-                continue
-            rid = obj.get("id") if isinstance(obj, dict) else None
-            response = obj.get("response") if isinstance(obj, dict) else None
-            if isinstance(rid, int) and not isinstance(rid, bool):
-                rid = str(rid)
-            if not isinstance(rid, str) or not isinstance(response, str):
-                problems.append(f'{path}:line {n}: expected {{"id": str, "response": str}}, got {line.strip()[:80]}')
-                continue
-            out.setdefault(rid, []).append(response)
+    for n, obj, problem in jsonl_rows(path):  # the record loader's reader: BOM, bad bytes, huge lines
+        if obj is None:
+            problems.append(f"{path}:line {n}: {problem}")
+            continue
+        rid, response = obj.get("id"), obj.get("response")
+        if isinstance(rid, int) and not isinstance(rid, bool):
+            rid = str(rid)
+        if not isinstance(rid, str) or not isinstance(response, str):
+            problems.append(f'{path}:line {n}: expected {{"id": str, "response": str}}, got {json.dumps(obj)[:80]}')
+            continue
+        out.setdefault(rid, []).append(response)
     if problems:
         raise ValueError(f"{len(problems)} problem(s) in responses file:\n" + "\n".join(problems))
     return out

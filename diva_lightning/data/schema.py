@@ -330,7 +330,7 @@ def record_from_row(row: dict[str, Any], base_dir: Path | None = None, *, inline
 Row = tuple[int, dict[str, Any] | None, str | None]
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def jsonl_rows(path: Path) -> Iterator[Row]:
     """Yield (1-based line number, parsed object or None, problem or None); skips blank lines.
 
     Read as bytes so that a UTF-8 BOM, an invalid byte or an over-long line is a problem of one row.
@@ -418,7 +418,7 @@ def load_records_with_report(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows: Iterable[Row] = _jsonl_rows(path)
+        rows: Iterable[Row] = jsonl_rows(path)
     elif suffix == ".parquet":
         rows = _parquet_rows(path)
     else:
