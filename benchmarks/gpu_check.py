@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "--model.init_args.policy_config.min_pixels", "3136",
         "--model.init_args.policy_config.max_pixels", str(args.image_px * args.image_px),
     ]
-    cli = run_cli(args_fit, run=False)  # the `fit` subcommand's parser and objects, run below
+    cli = run_cli(args_fit, run=False, save_config_callback=None)  # fit's objects, run below; no config.yaml
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     name = torch.cuda.get_device_name() if cuda else "cpu"
