@@ -4,6 +4,8 @@
   subclass by `class_path`); `--print_config`, stacked `--config` files and `class_path`/`init_args` work as in
   Lightning. Links: `seed_everything` -> data and model seeds; `model.num_generations` -> data (rollout budget).
 - `warmup` builds the embedded base policy (SFT on the procedural world; see `diva_lightning.warmup`).
+- `test` writes per source the responses, the metrics and a Table-1 report to `<log_dir>/test/`; `predict`
+  writes the responses of `data.predict_source` to `<log_dir>/predict/` (`diva_lightning.evaluation`).
 
 Before `fit`/`validate`/`test`, if the model's policy checkpoint is the embedded default and is missing, it is
 built first by running the warm-up recipe (printed, with progress) and then cached: never rebuilt when present.
@@ -12,6 +14,7 @@ built first by running the warm-up recipe (printed, with progress) and then cach
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -65,6 +68,9 @@ class DivaCLI(LightningCLI):
                             help="Build the embedded base policy when the configured one is missing.")
         parser.add_argument("--base_policy_recipe", type=str, default=WARMUP_RECIPE,
                             help="Warm-up config used to build a missing embedded base policy.")
+        parser.add_argument("--eval_baseline", type=str | None, default=None,
+                            help="test: the test/ folder (or its metrics.json) of an earlier test run, e.g. of the "
+                                 "base policy; its numbers are the comparison row of the Table-1 report.")
         parser.link_arguments("seed_everything", "data.init_args.seed")
         parser.link_arguments("seed_everything", "model.init_args.seed")
         parser.link_arguments("model.init_args.num_generations", "data.init_args.num_generations")
@@ -91,6 +97,7 @@ class DivaCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         _STATE["training"] = False
+        _console_logging()
 
     def _mark_start(self) -> None:
         self.trainer.callbacks.append(_TrainingStarted())
@@ -106,6 +113,46 @@ class DivaCLI(LightningCLI):
     def before_test(self) -> None:
         self._mark_start()
         self._bootstrap()
+
+    def before_predict(self) -> None:
+        self._mark_start()
+        self._bootstrap()
+
+    def after_test(self) -> None:
+        """Write the responses, metrics and Table-1 report of every test source (rank 0) and say where."""
+        from diva_lightning.evaluation import decoding_of, headline_lines, write_test_outputs
+
+        out_dir = Path(self.trainer.log_dir or ".") / "test"  # log_dir is collective: every rank asks
+        model = self.model
+        if self.trainer.global_rank != 0 or not isinstance(model, DivaGRPOModule) or not model.test_results:
+            return
+        cfg = self.config.get(self.subcommand, self.config)
+        decoding = decoding_of(model.val_sampling)
+        paths = write_test_outputs(model.test_results, out_dir, policy=model.policy_path, decoding=decoding,
+                                   baseline=cfg.get("eval_baseline"))
+        lines = ["", f"[diva-lightning] test of {model.policy_path} ({decoding['mode']} decoding: temperature "
+                     f"{decoding['temperature']}, top_p {decoding['top_p']}, {decoding['num_samples']} sample(s), "
+                     f"max {decoding['max_new_tokens']} tokens)", *headline_lines(model.test_results),
+                 f"  outputs in {out_dir}/:"]
+        lines += [f"    {path.name}" for path in paths.values()]
+        print("\n".join(lines), flush=True)
+
+    def after_predict(self) -> None:
+        """Write the responses of every predict source as the JSONL that `score` reads (rank 0)."""
+        from diva_lightning.evaluation import write_predictions
+
+        out_dir = Path(self.trainer.log_dir or ".") / "predict"
+        model = self.model
+        if self.trainer.global_rank != 0 or not isinstance(model, DivaGRPOModule):
+            return
+        if not model.predict_results:
+            print("[diva-lightning] predict: nothing to answer (set data.init_args.predict_source)", flush=True)
+            return
+        paths = write_predictions(model.predict_results, out_dir)
+        lines = ["", "[diva-lightning] predict: responses (score them with `python -m diva_lightning score`)"]
+        lines += [f"  {res.source.label}: {res.samples} response(s) for {len(res.responses)} question(s) -> "
+                  f"{paths[res.source.label]}" for res in model.predict_results]
+        print("\n".join(lines), flush=True)
 
     def after_fit(self) -> None:
         trainer, model = self.trainer, self.model
@@ -157,6 +204,18 @@ class _TrainingStarted(Callback):
 
 
 _STATE = {"training": False}
+
+
+def _console_logging() -> None:
+    """Show the package's INFO lines (what each data file loaded and skipped) on the console, as Lightning shows
+    its own. Left alone when logging is configured already (a handler on the package or the root logger)."""
+    pkg = logging.getLogger("diva_lightning")
+    if pkg.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[diva-lightning] %(message)s"))
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
 # Subcommands beside LightningCLI's fit/validate/test/predict: name -> "module:function(argv)" (imported on use).
 EXTRA_COMMANDS = {
     "warmup": "diva_lightning.warmup:warmup_main",

@@ -12,6 +12,10 @@ One `training_step` is one DIVA round (design.md section 2):
    the rollout engine is told (weight sync),
 6. return per-response outputs; `DifficultyCallback` and `AdvantageMonitor` consume them.
 
+Validation, test and predict sample with `val_sampling` and grade each source by its own rule
+(`diva_lightning.evaluation`: a benchmark's scorer, or the reward); test and predict results are kept in
+`test_results` / `predict_results` for the CLI to write.
+
 Staying on-policy (issue 11): old log-probs equal the current ones only when the engine samples from the trained
 module itself and the round is a single optimizer step; otherwise the trainer re-scores them before the first
 update. When the engine returns its own sampling log-probs, `rollout_correction` weighs each token by the
@@ -37,7 +41,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
 from transformers import AutoConfig
 from typing_extensions import override
 
@@ -47,6 +50,7 @@ from diva_lightning.core.filtering import select_units, spread_filter
 from diva_lightning.core.loss import truncation_mask
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch, merge_families
+from diva_lightning.evaluation import EvalRun, SourceResult, log_values, sources_of
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.lora import apply_lora, is_lora, lora_scale, merge_lora_state_dict
 from diva_lightning.models.policy import (
@@ -74,7 +78,6 @@ from diva_lightning.training.prompt_budget import PromptMeasure, longest_prompt,
 
 log = logging.getLogger(__name__)
 
-MAX_LEVEL = 10  # per-level validation metrics are kept for intrinsic levels 1..MAX_LEVEL
 # The authors' image budget (official-diva.md): a stock Qwen2.5-VL processor would allow 12.8 MP per image.
 AUTHORS_PIXELS = (262_144, 1_048_576)
 EMBEDDED_POLICIES = ("artifacts/base_policy",)  # config values naming the embedded base policy
@@ -176,10 +179,9 @@ class DivaGRPOModule(pl.LightningModule):
         self.difficulty_table: Any = None  # attached by DifficultyCallback when present
         self._generation_ready = False
         self.rollouts_generated = 0  # responses sampled since the start of training (checkpointed)
-        self.val_accuracy = MeanMetric()
-        self.val_format = MeanMetric()
-        self.val_level = torch.nn.ModuleList([MeanMetric() for _ in range(MAX_LEVEL)])
-        self._val_level_seen: set[int] = set()
+        self._eval_runs: dict[str, EvalRun] = {}  # the running validation / test / predict pass
+        self.test_results: list[SourceResult] = []  # the last test pass, per source (every rank)
+        self.predict_results: list[SourceResult] = []
         # Components are recorded by the CLI's config.yaml (class_path + init_args), not as hparams.
         self.save_hyperparameters(ignore=["advantage", "reward", "rollout"])
 
@@ -322,6 +324,10 @@ class DivaGRPOModule(pl.LightningModule):
 
     @override
     def on_test_start(self) -> None:
+        self._prepare_generation()
+
+    @override
+    def on_predict_start(self) -> None:
         self._prepare_generation()
 
     # ----------------------------------------------------------------------------------------------- rollout
@@ -531,55 +537,70 @@ class DivaGRPOModule(pl.LightningModule):
         return float(norm)
 
     # -------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: FamilyBatch, prefix: str) -> None:
+    def _evaluate(self, batch: FamilyBatch, stage: str, batch_idx: int, dataloader_idx: int) -> list[dict[str, str]]:
+        """Sample `val_sampling.num_samples` responses per question and grade them by the source's rule."""
         assert self.policy is not None
         self.policy.eval()
         with torch.no_grad():
             roll = self._sample(self._encode(batch), self.val_sampling, self.val_sampling.num_samples,
-                                stable_seed("eval", self.seed, prefix))
-        answers = [batch.answers[i] for i in roll.prompt_index.tolist()]
-        graded = self._grade(roll.texts, answers)
-        acc = graded.accuracy.to(self.device, torch.float32)
-        bad = ~torch.isfinite(acc) | ~torch.isfinite(graded.reward.to(self.device, torch.float32))
-        if bool(bad.any()):
-            ids = sorted({batch.question_ids[int(roll.prompt_index[i])] for i in bad.nonzero().flatten().tolist()})
-            raise ValueError(f"{prefix}: the reward returned NaN/inf for {int(bad.sum())} response(s) of questions "
-                             f"{ids[:20]}{' ...' if len(ids) > 20 else ''}: fix the reward function; a score over "
-                             "the remaining questions would be wrong")
-        self.val_accuracy.update(acc)
-        self.val_format.update(graded.format.to(self.device, torch.float32))
-        levels = batch.level[roll.prompt_index.to(self.device)]
-        for level in levels.unique().tolist():
-            if 1 <= level <= MAX_LEVEL:
-                self.val_level[level - 1].update(acc[levels == level])
-                self._val_level_seen.add(level)
+                                stable_seed("eval", self.seed, stage, dataloader_idx, batch_idx))
+        if batch.meta.get("padding"):  # generated only to keep sharded ranks in step
+            return []
+        if stage not in self._eval_runs:  # the epoch-start hook did not run (a loop driven by hand)
+            self._start_eval(stage)
+        return self._eval_runs[stage].add(dataloader_idx, batch, roll.prompt_index.tolist(), roll.texts,
+                                          reward=None if stage == "predict" else self.reward, where=stage)
 
-    def _log_eval(self, prefix: str) -> None:
-        self.log(f"{prefix}/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
-        self.log(f"{prefix}/format", self.val_format.compute())
-        for level in sorted(self._val_level_seen):
-            self.log(f"{prefix}/accuracy_level{level}", self.val_level[level - 1].compute())
-        self.val_accuracy.reset()
-        self.val_format.reset()
-        for metric in self.val_level:
-            metric.reset()
-        self._val_level_seen.clear()
+    def _start_eval(self, stage: str) -> None:
+        self._eval_runs[stage] = EvalRun(sources_of(self.trainer.datamodule, stage))
+
+    def _finish_eval(self, stage: str) -> list[SourceResult]:
+        """Gather every rank's responses, compute each source's metrics, and (val/test) log the same values on
+        every rank."""
+        run = self._eval_runs.pop(stage, None) or EvalRun(sources_of(self.trainer.datamodule, stage))
+        run.gather()
+        results = run.results(graded=stage != "predict")
+        if stage != "predict":
+            for key, value in log_values(stage, results).items():
+                self.log(key, value, prog_bar=key == f"{stage}/accuracy", sync_dist=False)
+        return results
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
 
     @override
     def validation_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx, dataloader_idx)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
+        self._finish_eval("val")
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
 
     @override
     def test_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx, dataloader_idx)
 
     @override
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
+        self.test_results = self._finish_eval("test")
+
+    @override
+    def on_predict_epoch_start(self) -> None:
+        self._start_eval("predict")
+
+    @override
+    def predict_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
+        """``{"id", "response"}`` rows of the batch (`num_samples` per question), as the ``score`` command reads."""
+        return self._evaluate(batch, "predict", batch_idx, dataloader_idx)
+
+    @override
+    def on_predict_epoch_end(self) -> None:
+        self.predict_results = self._finish_eval("predict")
 
     # ------------------------------------------------------------------------------------------------ export
     def export_state_dict(self) -> dict[str, Tensor]:

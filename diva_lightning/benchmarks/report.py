@@ -106,8 +106,8 @@ def _bar_chart(path: Path, titles: list[str], table: Mapping[str, list[float | N
         ax.bar_label(bars, labels=[_fmt(v) for v in values], fontsize=7, padding=1)
     ax.set_xticks(range(len(titles)), titles)
     ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 108)  # room for the label of a 100% bar
     ax.set_title("Table 1 (rule-based scoring)")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(table), frameon=False)  # below: no bar hidden
     fig.tight_layout()
     fig.savefig(path)

@@ -37,6 +37,8 @@ class FamilyBatch:
         images: flat list of float [3,H,W] images in [0, 1].
         image_owner: int64 [num_images], prompt index of each image.
         perturb: per-image perturbation parameters (identity for originals and text variants).
+        records: the original question's record of each prompt, len P (evaluation scores by it: a benchmark's
+            scorer reads its choices, precision, tolerance...).
     """
 
     problems: list[str]
@@ -53,6 +55,7 @@ class FamilyBatch:
     image_owner: Tensor
     perturb: PerturbParams
     meta: dict[str, Any] = field(default_factory=dict)
+    records: list[Any] = field(default_factory=list)  # list[QuestionRecord]
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -139,6 +142,7 @@ class QuestionBatch:
     records: list[Any]  # list[QuestionRecord]
     images: list[list[Tensor]]  # per question, float [3,H,W] in [0,1]
     position: int  # global index of this batch in the stream (for the data position in checkpoints)
+    padding: bool = False  # an evaluation batch that only keeps the ranks in step: its results are dropped
 
     def __len__(self) -> int:
         return len(self.records)

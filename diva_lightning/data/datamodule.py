@@ -25,7 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from diva_lightning.core.difficulty import DifficultyTable
@@ -105,20 +105,44 @@ class _TrainStream(IterableDataset[QuestionBatch]):
             yield dm.question_batch(position)
 
 
-class _ListDataset(Dataset[QuestionBatch]):
-    def __init__(self, dm: DivaDataModule, records: list[QuestionRecord], batch_size: int) -> None:
-        self.dm, self.records, self.batch_size = dm, records, batch_size
+def eval_shard(num_records: int, batch_size: int, rank: int, world_size: int) -> list[tuple[list[int], bool]]:
+    """This rank's evaluation batches as (record indices, padding) pairs.
+
+    Record i belongs to rank i % world_size, and every rank runs the same number of batches: as many as the longest
+    shard needs at ``batch_size`` (sharded generation steps all ranks together, so a rank with one batch fewer would
+    leave the others waiting). Each shard is split into that many batches of nearly equal size; a rank whose shard
+    is shorter than that gets a padding batch (one record, evaluated and dropped) in place of an empty one.
+    """
+    if num_records == 0:
+        return []
+    shard = list(range(rank, num_records, world_size))
+    longest = -(-num_records // world_size)
+    count = -(-longest // batch_size)
+    size, extra = divmod(len(shard), count)
+    out: list[tuple[list[int], bool]] = []
+    start = 0
+    for k in range(count):
+        n = size + (k < extra)
+        out.append((shard[start : start + n], False) if n else ([shard[0] if shard else 0], True))
+        start += n
+    return out
+
+
+class _EvalStream(IterableDataset[QuestionBatch]):
+    """This rank's batches of one evaluation source (`eval_shard`). Iterable, so Lightning injects no sampler of its
+    own (a DistributedSampler would shard the shard again and repeat records to even the ranks out)."""
+
+    def __init__(self, images: ImageStore, records: list[QuestionRecord], batches: list[tuple[list[int], bool]]
+                 ) -> None:
+        self.images, self.records, self.batches = images, records, batches
 
     def __len__(self) -> int:
-        return (len(self.records) + self.batch_size - 1) // self.batch_size
+        return len(self.batches)
 
-    def __getitem__(self, i: int) -> QuestionBatch:
-        recs = self.records[i * self.batch_size : (i + 1) * self.batch_size]
-        return QuestionBatch(recs, [self.dm.images.get(r) for r in recs], position=i)
-
-
-def _identity_collate(items: list[QuestionBatch]) -> QuestionBatch:
-    return items[0]
+    def __iter__(self) -> Iterator[QuestionBatch]:
+        for k, (idx, padding) in enumerate(self.batches):
+            recs = [self.records[i] for i in idx]
+            yield QuestionBatch(recs, [self.images.get(r) for r in recs], position=k, padding=padding)
 
 
 class DivaDataModule(pl.LightningDataModule):
@@ -130,6 +154,8 @@ class DivaDataModule(pl.LightningDataModule):
             {name: {path, benchmark}} (a benchmark's native file, scored by its own rules): each logs
             `val/<name>/accuracy`, and `val/accuracy` is their mean.
         test_source: as val_source ("world" uses the world's test split); None disables `test`.
+        predict_source: what `predict` answers: a record file, or named sources {name: {path, benchmark}} (a
+            benchmark's native file); "world" is the world's test split. None: `predict` has nothing to do.
         world: sizes and seed of the embedded world.
         questions_per_step: B, questions per optimizer round on each rank.
         num_variants: V, variants per question (0 gives a plain GRPO data stream).
@@ -139,7 +165,7 @@ class DivaDataModule(pl.LightningDataModule):
         intensity_range: (low, high) image-perturbation intensity of easy questions' variants (``plan: tiers``).
         image_ops: image ops the planner may use (records with ``text_in_image: true`` get rotation only).
         num_generations: G, responses per prompt (linked from the model; used to report the rollout budget).
-        val_batch_size: questions per validation batch.
+        val_batch_size: questions per evaluation batch (validate, test, predict).
         seed: seed of the question order and the variant plans (linked from `seed_everything`).
         on_error: "raise" (all bad rows of all the stage's files reported at once, before the model loads) or
             "skip" (bad rows skipped and counted by reason, with a warning).
@@ -153,6 +179,7 @@ class DivaDataModule(pl.LightningDataModule):
         train_source: str = "world",
         val_source: SourceSpec = "world",
         test_source: SourceSpec = "world",
+        predict_source: SourceSpec = None,
         world: WorldConfig | None = None,
         questions_per_step: int = 8,
         num_variants: int = 1,
@@ -181,10 +208,12 @@ class DivaDataModule(pl.LightningDataModule):
             problems.append(f"questions_per_step must be >= 1, got {questions_per_step}")
         try:
             self.val_sources, self.test_sources = named_sources(val_source), named_sources(test_source)
+            self.predict_sources = named_sources(predict_source)
         except TypeError as err:
-            problems.append(f"val_source / test_source: {err}")
-            self.val_sources, self.test_sources = {}, {}
+            problems.append(f"val_source / test_source / predict_source: {err}")
+            self.val_sources, self.test_sources, self.predict_sources = {}, {}, {}
         problems += _check_sources(self.val_sources, "val_source") + _check_sources(self.test_sources, "test_source")
+        problems += _check_sources(self.predict_sources, "predict_source")
         if max_image_pixels < 1 or max_field_chars < 1:
             problems.append(f"max_image_pixels and max_field_chars must be >= 1, got {max_image_pixels}, "
                             f"{max_field_chars}")
@@ -193,6 +222,7 @@ class DivaDataModule(pl.LightningDataModule):
         if problems:
             raise ValueError("DivaDataModule: " + "; ".join(problems))
         self.train_source, self.val_source, self.test_source = train_source, val_source, test_source
+        self.predict_source = predict_source
         self.world = world or WorldConfig()
         self.questions_per_step = questions_per_step
         self.num_variants = num_variants
@@ -209,6 +239,7 @@ class DivaDataModule(pl.LightningDataModule):
         self.train_records: list[QuestionRecord] = []
         self.val_sets: dict[str, list[QuestionRecord]] = {}  # per named source ("" for an unnamed one)
         self.test_sets: dict[str, list[QuestionRecord]] = {}
+        self.predict_sets: dict[str, list[QuestionRecord]] = {}
         self.images = ImageStore(max_pixels=max_image_pixels)  # decoded images, keyed by (data file, record id)
         self.fallbacks = 0  # variants that could not be built as planned (e.g. no paraphrases): counted, logged
         self._warned_fallback: set[str] = set()  # questions whose fallback was already warned about
@@ -249,7 +280,7 @@ class DivaDataModule(pl.LightningDataModule):
         kept = []
         for record in records:
             try:
-                self.images.get(record)
+                report.images += len(self.images.get(record))
             except ImageError as err:
                 report.problems.append(RowProblem(report.path, record.row or 0, "images", str(err), record.id))
                 continue
@@ -285,12 +316,15 @@ class DivaDataModule(pl.LightningDataModule):
             wanted += [("val", n, src, self.world.val_size) for n, src in self.val_sources.items()]
         if stage == "test" and not self.test_sets:
             wanted += [("test", n, src, self.world.test_size) for n, src in self.test_sources.items()]
+        if stage == "predict" and not self.predict_sets:  # "world" answers the world's test split
+            wanted += [("predict", n, src, self.world.test_size) for n, src in self.predict_sources.items()]
         loaded = self._load_all(wanted)
+        eval_sets = {"val": self.val_sets, "test": self.test_sets, "predict": self.predict_sets}
         for (split, name), records in loaded.items():
             if split == "train":
                 self.train_records = records
             else:
-                (self.val_sets if split == "val" else self.test_sets)[name] = records
+                eval_sets[split][name] = records
         if ("train", "") in loaded:
             if len(self.train_records) < self.questions_per_step * self._world_size:
                 raise ValueError(
@@ -388,11 +422,15 @@ class DivaDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader[QuestionBatch]]:
         return [self._list_loader(records) for records in self.test_sets.values()]
 
+    @override
+    def predict_dataloader(self) -> list[DataLoader[QuestionBatch]]:
+        """One loader per `predict_source`, in order (`dataloader_idx` names the source)."""
+        return [self._list_loader(records) for records in self.predict_sets.values()]
+
     def _list_loader(self, records: list[QuestionRecord]) -> DataLoader[QuestionBatch]:
-        # Each rank evaluates a disjoint strided shard.
-        shard = records[self._rank :: self._world_size]
-        return DataLoader(_ListDataset(self, shard, self.val_batch_size), batch_size=1,
-                          collate_fn=_identity_collate)
+        # Each rank evaluates a disjoint strided shard, in the same number of batches as every other rank.
+        batches = eval_shard(len(records), self.val_batch_size, self._rank, self._world_size)
+        return DataLoader(_EvalStream(self.images, records, batches), batch_size=None, num_workers=0)
 
     # ---------------------------------------------------------------------------------------- family build
     def _table(self) -> DifficultyTable:
@@ -452,7 +490,8 @@ class DivaDataModule(pl.LightningDataModule):
             images=images,
             image_owner=torch.tensor(owner, dtype=torch.long),
             perturb=PerturbParams.from_list(perturb),
-            meta={"position": qb.position, "fallbacks": fallbacks},
+            meta={"position": qb.position, "fallbacks": fallbacks, "padding": qb.padding},
+            records=[row.record for row in rows],
         )
 
     def extra_families(self, device: torch.device | str) -> FamilyBatch:
