@@ -9,6 +9,7 @@ import pytest
 
 from diva_lightning.callbacks import ValidateBeforeTraining
 from diva_lightning.cli import run_cli
+from sweeps.runlog import read_metrics, val_curve
 from tests.test_module import small_args
 
 
@@ -36,6 +37,10 @@ def test_validation_before_training_is_logged_at_step_zero(tiny_policy_dir: str,
     assert [int(r["step"]) for r in rows] == [0, 1]
     assert all(0.0 <= float(r["val/accuracy"]) <= 1.0 for r in rows)
     assert cli.trainer.global_step == 2
+    # the base policy's row is marked, and a sweep's training curve leaves it out (else it reads as "after 1 step")
+    assert [r.get("val/before_training") for r in rows] == ["1.0", ""]
+    curve = val_curve(read_metrics(Path(cli.trainer.logger.log_dir) / "metrics.csv"))
+    assert curve == [(2, float(rows[1]["val/accuracy"]))]
 
 
 @pytest.mark.slow
