@@ -32,7 +32,8 @@ ROWS: dict[str, tuple[str, ...]] = {
     "share_grpo": ("experiments/share_grpo.yaml",),
     "mm_eureka": ("experiments/grpo.yaml", "experiments/mm_eureka.yaml"),
 }
-EXTRA_ROWS: tuple[str, ...] = ("grpo_n5", "dapo", "share_grpo", "mm_eureka")  # baselines outside the paper's Table 2, run only when asked for
+# Baselines outside the paper's Table 2, run only when asked for.
+EXTRA_ROWS: tuple[str, ...] = ("grpo_n5", "dapo", "share_grpo", "mm_eureka")
 TABLE2_ROWS: tuple[str, ...] = tuple(r for r in ROWS if r not in EXTRA_ROWS)
 FULL_ROW, BASELINE_ROW = "full", "grpo"
 

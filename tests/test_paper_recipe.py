@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from diva_lightning.algorithms import DivaAdvantage, GRPOAdvantage
+from diva_lightning.algorithms import DivaAdvantage
 from diva_lightning.callbacks import DifficultyCallback, ValidateBeforeTraining
 from diva_lightning.cli import run_cli
 from diva_lightning.models.prompt import R1_INSTRUCTION
@@ -44,7 +44,7 @@ def _parser() -> Any:
     return run_cli(_args(FULL) + ["--trainer.logger.init_args.save_dir", "/nonexistent"], run=False).parser
 
 
-@lru_cache(maxsize=None)
+@cache
 def _resolved(*configs: str) -> dict[str, Any]:
     """Leaf keys of the resolved config of a stack (parsed by the real CLI's parser, nothing instantiated)."""
     parser = _parser()

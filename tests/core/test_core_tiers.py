@@ -236,7 +236,9 @@ def test_allowed_ops_rejects_bad_values() -> None:
 # ---- plan="paraphrase" (Share-GRPO: a paraphrase for every question, no difficulty adaptation) ------------
 
 
-def _reference_paraphrase_plan(d: float, v: int, n: int, g: torch.Generator) -> list[tuple[str, str, float, int | None]]:
+def _reference_paraphrase_plan(
+    d: float, v: int, n: int, g: torch.Generator
+) -> list[tuple[str, str, float, int | None]]:
     """Independent reading of the spec: V rewordings, delta 0, indices from shuffled passes over the n
     paraphrases (a new torch.randperm(n) each time a pass is used up), None when there are none."""
     out, queue = [], []
