@@ -371,7 +371,8 @@ class DivaGRPOModule(pl.LightningModule):
         rounds = [first]
 
         def filt(r: _Round) -> Any:
-            return spread_filter(r.rewards, r.prompt_ids, family_ids=r.family_ids if family else None)
+            values = r.graded.accuracy.to(r.rewards.device, torch.float32) if ds.metric == "accuracy" else r.rewards
+            return spread_filter(values, r.prompt_ids, family_ids=r.family_ids if family else None)
 
         filters = [filt(first)]
         while len(rounds) < ds.max_draws and self._min_over_ranks(sum(f.num_spread_units for f in filters)) < target:

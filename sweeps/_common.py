@@ -27,8 +27,13 @@ ROWS: dict[str, tuple[str, ...]] = {
     # Optional baseline: GRPO with DAPO-style dynamic sampling (zero-spread groups dropped, more questions drawn);
     # it generates more rollouts per step than the other rows: compare at equal `rollouts/generated`.
     "dapo": ("experiments/grpo.yaml", "experiments/dapo.yaml"),
+    # Optional baselines of the seed (Table 1's neighbours), same rollout budget: Share-GRPO (paraphrases for every
+    # question, local + global advantage, no difficulty) and MM-Eureka (GRPO with online accuracy filtering).
+    "share_grpo": ("experiments/share_grpo.yaml",),
+    "mm_eureka": ("experiments/grpo.yaml", "experiments/mm_eureka.yaml"),
 }
-EXTRA_ROWS: tuple[str, ...] = ("grpo_n5", "dapo")  # baselines outside the paper's Table 2, run only when asked for
+# Baselines outside the paper's Table 2, run only when asked for.
+EXTRA_ROWS: tuple[str, ...] = ("grpo_n5", "dapo", "share_grpo", "mm_eureka")
 TABLE2_ROWS: tuple[str, ...] = tuple(r for r in ROWS if r not in EXTRA_ROWS)
 FULL_ROW, BASELINE_ROW = "full", "grpo"
 

@@ -27,8 +27,10 @@ def series(rows: list[Row], key: str) -> list[tuple[int, float]]:
 
 
 def val_curve(rows: list[Row]) -> list[tuple[int, float]]:
-    """(steps done, val/accuracy) at every validation."""
-    return series(rows, "val/accuracy")
+    """(steps done, val/accuracy) at every validation of training. A validation before the first step (the base
+    policy's score, marked `val/before_training` by `ValidateBeforeTraining`) is not part of the curve: Lightning
+    logs it at step 0, which would read as "after 1 step" and count towards the best accuracy."""
+    return series([r for r in rows if math.isnan(r.get("val/before_training", math.nan))], "val/accuracy")
 
 
 def val_times(rows: list[Row]) -> list[tuple[int, float]]:

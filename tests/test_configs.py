@@ -153,6 +153,10 @@ def test_every_shipped_yaml_is_covered() -> None:
                (REPO / "experiments/warmup.yaml").resolve()}
     covered |= {p.resolve() for p in OVERLAYS.values()}
     covered.add((REPO / "experiments/eval/table1.yaml").resolve())  # tests/test_evaluation_cli.py
+    # the paper's recipe, its difficulty option and the seed's baselines: tests/test_paper_recipe.py
+    covered |= {(REPO / p).resolve() for p in ("experiments/paper/diva_qwen2_5_vl_7b.yaml",
+                                               "experiments/paper/official_difficulty.yaml",
+                                               "experiments/share_grpo.yaml", "experiments/mm_eureka.yaml")}
     assert shipped == covered, f"untested configs: {sorted(map(str, shipped - covered))}"
 
 

@@ -3,5 +3,6 @@
 from diva_lightning.callbacks.advantage_monitor import AdvantageMonitor, monitor_metrics
 from diva_lightning.callbacks.difficulty import DifficultyCallback
 from diva_lightning.callbacks.timing import ElapsedTime
+from diva_lightning.callbacks.validate_first import ValidateBeforeTraining
 
-__all__ = ["AdvantageMonitor", "DifficultyCallback", "ElapsedTime", "monitor_metrics"]
+__all__ = ["AdvantageMonitor", "DifficultyCallback", "ElapsedTime", "ValidateBeforeTraining", "monitor_metrics"]

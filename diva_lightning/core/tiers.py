@@ -28,7 +28,12 @@ from a step of 4 on); equal -> paraphrase (delta 0); below -> hint with the offi
 the step (<= -7: ``max_hint_steps``, <= -5: 3, <= -3: 2, else 1), ``delta = target - D``. Only the
 first hint of a family is kept; later ones are redrawn as a step in {0, 1, 2, 3} (as the official code).
 
-``allowed_ops`` restricts the image ops of both plans (official: rotation only for records whose
+``plan="paraphrase"`` (Share-GRPO, R1-ShareVL arXiv 2505.16673: semantically consistent rewordings of every
+question, no difficulty adaptation): every variant is a paraphrase with delta 0 whatever the tier, distinct
+paraphrase indices while they last (exactly what ``plan="tiers"`` gives a medium question). The tier is still
+recorded, so per-tier metrics stay comparable with the other plans.
+
+``allowed_ops`` restricts the image ops of the plans (official: rotation only for records whose
 image carries the question's text, ``text_in_image: true``); a two-op variant then draws its ops
 from the allowed ones, so with a single allowed op it applies that op alone.
 
@@ -52,7 +57,7 @@ TIERS: tuple[str, ...] = ("easy", "medium", "hard")
 VariantKind = Literal["paraphrase", "image", "hint"]
 KINDS: tuple[str, ...] = ("paraphrase", "image", "hint")
 IMAGE_OPS: tuple[str, ...] = ("rotate", "noise", "blur", "downup", "salt_pepper")
-PLANS: tuple[str, ...] = ("tiers", "official")
+PLANS: tuple[str, ...] = ("tiers", "official", "paraphrase")
 
 # Official tables (authors' gen_new_item.py), keyed by integer difficulty 1..9.
 OFFICIAL_V1_TARGET: dict[int, int] = {1: 9, 2: 8, 3: 7, 4: 6, 5: 6, 6: 5, 7: 5, 8: 5, 9: 4}
@@ -194,6 +199,11 @@ def _official_hint_steps(step: int, max_hint_steps: int) -> int:
     return min(1, max_hint_steps)
 
 
+def _paraphrases(tier: Tier, v: int, para: _Paraphrases) -> list[VariantSpec]:
+    """``v`` paraphrase variants (delta 0) of a question of ``tier``."""
+    return [VariantSpec("paraphrase", tier, 0.0, paraphrase_index=para.next()) for _ in range(v)]
+
+
 def _plan_tiers(
     d: float,
     v: int,
@@ -209,7 +219,7 @@ def _plan_tiers(
     allowed_ops: tuple[str, ...],
 ) -> list[VariantSpec]:
     if tier == "medium":
-        return [VariantSpec("paraphrase", tier, 0.0, paraphrase_index=para.next()) for _ in range(v)]
+        return _paraphrases(tier, v, para)
     if tier == "hard":
         steps = hint_steps_for(d, d_mid=d_mid, max_hint_steps=max_hint_steps)
         delta = -(d - d_mid) * steps / max_hint_steps
@@ -321,6 +331,8 @@ def plan_variants(
         return []
     tier = tier_of(difficulty, d_mid=d_mid, band=band)
     para = _Paraphrases(num_paraphrases, generator)
+    if plan == "paraphrase":
+        return _paraphrases(tier, num_variants, para)
     if plan == "official":
         return _plan_official(difficulty, num_variants, tier, max_hint_steps, para, generator, ops)
     return _plan_tiers(

@@ -117,9 +117,13 @@ class DynamicSamplingConfig:
     rank that needs most; when the budget runs out, zero-spread groups fill the batch (no gradient, same size)."""
     unit: str = "prompt"
     """prompt (a prompt's G responses, GRPO's group) | family (a question and its variants, DIVA's global group)."""
+    metric: str = "reward"
+    """What must differ within a unit: reward (the shaped reward, as DAPO) | accuracy (the accuracy term alone, as
+    MM-Eureka's online filter: a group that is all wrong but mixed in format is dropped)."""
 
     def check(self) -> list[str]:
         problems = _choice("dynamic_sampling.unit", self.unit, ("prompt", "family"))
+        problems += _choice("dynamic_sampling.metric", self.metric, ("reward", "accuracy"))
         if self.max_draws < 1:
             problems.append(f"dynamic_sampling.max_draws must be >= 1, got {self.max_draws}")
         return problems

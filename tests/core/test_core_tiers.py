@@ -231,3 +231,71 @@ def test_allowed_ops_rejects_bad_values() -> None:
         plan_variants(1.0, 1, generator=gen(), allowed_ops=())
     with pytest.raises(ValueError, match="non-empty subset"):
         plan_variants(1.0, 1, generator=gen(), allowed_ops=("shear",))
+
+
+# ---- plan="paraphrase" (Share-GRPO: a paraphrase for every question, no difficulty adaptation) ------------
+
+
+def _reference_paraphrase_plan(
+    d: float, v: int, n: int, g: torch.Generator
+) -> list[tuple[str, str, float, int | None]]:
+    """Independent reading of the spec: V rewordings, delta 0, indices from shuffled passes over the n
+    paraphrases (a new torch.randperm(n) each time a pass is used up), None when there are none."""
+    out, queue = [], []
+    for _ in range(v):
+        if n and not queue:
+            queue = torch.randperm(n, generator=g).tolist()
+        out.append(("paraphrase", tier_of(d), 0.0, queue.pop(0) if n else None))
+    return out
+
+
+def test_paraphrase_plan_hand_worked() -> None:
+    # an easy question (D=1) and a hard one (D=9) get paraphrases, not image variants or hints; delta 0, so the
+    # label stays D; the tier is still recorded
+    easy = plan_variants(1.0, 3, plan="paraphrase", generator=gen())
+    assert [(s.kind, s.tier, s.delta) for s in easy] == [("paraphrase", "easy", 0.0)] * 3
+    assert len({s.paraphrase_index for s in easy}) == 3  # 3 of the 5 stored paraphrases, no repeats
+    hard = plan_variants(9.0, 2, plan="paraphrase", generator=gen())
+    assert [(s.kind, s.tier, s.hint_steps, s.image_ops) for s in hard] == [("paraphrase", "hard", 0, ())] * 2
+    # 2 paraphrases, 5 variants: both used once before any repeats -> first pass {0, 1}, second pass {0, 1}
+    idx = [s.paraphrase_index for s in plan_variants(7.0, 5, plan="paraphrase", num_paraphrases=2, generator=gen())]
+    assert sorted(idx[:2]) == [0, 1] and sorted(idx[2:4]) == [0, 1] and idx[4] in (0, 1)
+    # a record without paraphrases: the index is None (the planner then falls back to a labelled original)
+    assert [s.paraphrase_index for s in plan_variants(3.0, 2, plan="paraphrase", num_paraphrases=0,
+                                                      generator=gen())] == [None, None]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    d=st.floats(1.0, 9.0, allow_nan=False),
+    other=st.floats(1.0, 9.0, allow_nan=False),
+    v=st.integers(0, 7),
+    n=st.integers(0, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_paraphrase_plan_properties(d: float, other: float, v: int, n: int, seed: int) -> None:
+    specs = plan_variants(d, v, plan="paraphrase", num_paraphrases=n, generator=gen(seed))
+    assert len(specs) == v
+    assert all(s.kind == "paraphrase" and s.delta == 0.0 and s.tier == tier_of(d) for s in specs)
+    # no repeats within a pass over the stored paraphrases
+    idx = [s.paraphrase_index for s in specs]
+    if n == 0:
+        assert idx == [None] * v
+    else:
+        for start in range(0, v, n):
+            block = idx[start:start + n]
+            assert len(set(block)) == len(block) and all(0 <= i < n for i in block)  # type: ignore[operator]
+    # difficulty changes nothing but the recorded tier (no adaptation), and the tiers plan of a medium
+    # question plans exactly the same variants
+    moved = plan_variants(other, v, plan="paraphrase", num_paraphrases=n, generator=gen(seed))
+    medium = plan_variants(5.0, v, plan="tiers", num_paraphrases=n, generator=gen(seed))
+    strip = [(s.kind, s.delta, s.paraphrase_index) for s in specs]
+    assert strip == [(s.kind, s.delta, s.paraphrase_index) for s in moved]
+    assert strip == [(s.kind, s.delta, s.paraphrase_index) for s in medium]
+
+
+@pytest.mark.parametrize(("d", "v", "n", "seed"), [(1.0, 4, 5, 0), (5.0, 7, 3, 1), (8.7, 3, 0, 2), (4.49, 9, 2, 3)])
+def test_paraphrase_plan_matches_reference(d: float, v: int, n: int, seed: int) -> None:
+    specs = plan_variants(d, v, plan="paraphrase", num_paraphrases=n, generator=gen(seed))
+    got = [(s.kind, s.tier, s.delta, s.paraphrase_index) for s in specs]
+    assert got == _reference_paraphrase_plan(d, v, n, gen(seed))

@@ -123,3 +123,16 @@ def test_records_own_difficulty_seeds_the_table(tmp_path: object) -> None:
     callback.table.update(["easy"], torch.tensor([0.0]), torch.tensor([1.0]))  # 2 + 4 * 0.5 = 4
     callback.table.seed(dm.initial_difficulties())  # seeding never overwrites a value the run has learned
     assert callback.table.lookup(["easy"]).tolist() == [4.0]
+
+
+def test_paraphrase_plan_rewords_every_question_whatever_its_difficulty() -> None:
+    """plan="paraphrase" (Share-GRPO): easy and hard questions get paraphrases too, labelled with their own D."""
+    rec = generate_world(1, seed=0, split="train")[0]
+    for d in (1.0, 5.0, 9.0):
+        rows = _plan([rec], d, plan="paraphrase")
+        assert [r.kind for r in rows] == ["original"] + ["paraphrase"] * 3
+        assert all(r.label == d and r.fallback is None and r.perturb is None for r in rows)
+        assert len({r.text for r in rows}) == 4 and all(r.text in rec.variants for r in rows[1:])
+    # without stored paraphrases: labelled originals, as for any plan
+    rows = _plan([_bare()], 1.0, plan="paraphrase")
+    assert [r.fallback for r in rows[1:]] == ["paraphrase: no paraphrases"] * 3

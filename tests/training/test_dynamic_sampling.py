@@ -77,3 +77,33 @@ def test_grpo_without_dynamic_sampling_counts_its_rollouts(tiny_policy_dir: str,
     cli = run_cli(small_args(tiny_policy_dir, tmp_path, "--config", str(REPO / "experiments/grpo.yaml"), steps=2))
     assert [float(r["rollouts/generated"]) for r in _metrics(cli)] == [6.0, 12.0]  # 2 questions x G=3 per step
     assert cli.model.rollouts_generated == 12
+
+
+def never_right(response: str, answer: str) -> float:
+    return 0.0
+
+
+def test_filter_metric_accuracy_drops_groups_whose_spread_is_format_only(tiny_policy_dir: str,
+                                                                          tmp_path: Path) -> None:
+    """MM-Eureka filters on accuracy: a group whose answers are all wrong but whose formats differ (shaped reward 0
+    or 0.1) has no accuracy spread, so `metric: accuracy` drops it (`metric: reward`, DAPO's, keeps it: the test
+    above)."""
+    args = small_args(tiny_policy_dir, tmp_path, *DAPO, steps=1) + [
+        "--data.init_args.questions_per_step", "4",
+        "--model.init_args.reward.init_args.accuracy_fn", f"{__name__}.never_right",
+        "--model.init_args.reward.init_args.format_fn", "tests.helpers.rewards.contains_digit",
+        "--model.init_args.dynamic_sampling.metric", "accuracy"]
+    cli = run_cli(args)
+    (row,), (out,) = _metrics(cli), _recorder(cli.trainer).outputs
+    assert out["rewards"].numel() == 4 * 3 and float(out["accuracy"].abs().sum()) == 0.0
+    # no unit ever has accuracy spread: every draw is spent and all 4 kept groups are filler ...
+    assert float(row["dynamic_sampling/draws"]) == 3 and float(row["dynamic_sampling/filled_units"]) == 4
+    # ... although some of them have reward (format) spread, which `metric: reward` would have kept
+    assert zero_std_fraction(out["rewards"].double(), out["prompt_ids"]) < 1.0
+
+
+def test_filter_metric_is_checked() -> None:
+    from diva_lightning.training.config import DynamicSamplingConfig
+
+    assert DynamicSamplingConfig(metric="accuracy").check() == []
+    assert "dynamic_sampling.metric" in DynamicSamplingConfig(metric="format").check()[0]
