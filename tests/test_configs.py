@@ -134,7 +134,7 @@ def test_dapo_is_grpo_plus_dynamic_sampling(tmp_path: Path) -> None:
     cli = _cli(FULL, OVERLAYS["grpo"], DAPO, tmp_path=tmp_path)
     over = _resolved(cli)
     changed = {k for k in set(grpo) | set(over) if grpo.get(k) != over.get(k) and "logger" not in k}
-    assert changed == {"model.init_args.dynamic_sampling.max_draws", "model.init_args.dynamic_sampling.unit"}
+    assert changed == {f"model.init_args.dynamic_sampling.{k}" for k in ("max_draws", "unit", "metric")}
     assert cli.model.dynamic_sampling.max_draws == 3 and cli.model.dynamic_sampling.unit == "prompt"
 
 
