@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +27,12 @@ def test_summary_arithmetic() -> None:
 
 @pytest.mark.slow
 def test_cpu_code_path(tmp_path: Path) -> None:
-    gpu_check.main(["--device", "cpu", "--size", "tiny", "--questions", "2", "--max-new-tokens", "6",
-                    "--out", str(tmp_path)])
+    # a subprocess: the strategy initialises a process group and launcher variables that must not outlive it
+    script = Path(gpu_check.__file__)
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--size", "tiny", "--questions", "2",
+                           "--max-new-tokens", "6", "--out", str(tmp_path)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["responses"] == 2 * 2 * 5  # questions x (original + variant) x G
     assert 0 < result["mean_response_tokens"] <= 6

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +50,24 @@ def _fit(policy: str, root: Path, *, processes: int, steps: int, extra: tuple[st
         args += ["--config", "experiments/fsdp.yaml", "--trainer.accelerator", "cpu",
                  "--trainer.devices", str(processes),
                  "--trainer.strategy.init_args.data_parallel_size", str(processes)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # A clean launch: an earlier in-process run can leave Lightning's launcher variables in this process's
+    # environment (LOCAL_RANK, WORLD_SIZE, ...); inherited, they make the child believe it was launched externally,
+    # so it never starts rank 1 and waits for it. And a fresh rendezvous port per run.
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
     done = subprocess.run(args + list(extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return next(root.glob("*/run"))  # <experiment name>/run: grpo, or the last overlay's name
+
+
+_LAUNCH_VARS = {"LOCAL_RANK", "RANK", "GLOBAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _metrics(log_dir: Path) -> list[dict[str, str]]:
