@@ -33,7 +33,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,8 +47,6 @@ from diva_lightning.callbacks.difficulty import stats_from_outputs
 from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.data.batch import TIER_CODES, FamilyBatch, QuestionBatch
 from diva_lightning.data.datamodule import DivaDataModule, WorldConfig, apply_perturbations
-from diva_lightning.data.world import world_corpus
-from diva_lightning.models.tiny import build_tiny_policy
 from diva_lightning.module import DivaGRPOModule, LossConfig, SamplingConfig
 from diva_lightning.rewards import CombinedReward
 from diva_lightning.rollout.hf import HFGenerateEngine
@@ -203,17 +200,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dm.setup("fit")
     dm.difficulty_table = seeded_table(dm, cfg["difficulty"], args.seed)
 
-    policy, note = args.policy, "embedded default (artifacts/base_policy)"
-    tmp = None
+    policy, note = args.policy, "embedded default (the shipped base policy)"
     if policy is None:
-        if (ROOT / "artifacts" / "base_policy" / "config.json").exists():
-            policy = str(ROOT / "artifacts" / "base_policy")
-        else:
-            tmp = tempfile.TemporaryDirectory()
-            build_tiny_policy(tmp.name, world_corpus(dm.train_records), seed=0)
-            policy = tmp.name
-            note = ("UNTRAINED tiny policy built in a temp dir (artifacts/base_policy is missing): same architecture,"
-                    " random weights, so responses run to max_new_tokens more often than the embedded default's")
+        policy = "embedded"
     else:
         note = f"--policy {policy}"
     module = build_module(policy, cfg["model"], cfg["grpo_model"])
@@ -253,8 +242,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overhead = sum(b_ms[p] for p in OVERHEAD_PARTS)
         print(f"step {k - args.warmup + 1:>3} [{order}]  GRPO step {a_ms['step']:8.1f} ms  DIVA extra "
               f"{overhead:6.2f} ms  ({100 * overhead / a_ms['step']:.3f}%)", flush=True)
-    if tmp is not None:
-        tmp.cleanup()
 
     comp = {p: median(diva[p]) for p in OVERHEAD_PARTS}
     diva_min = {k: min(v) for k, v in diva.items()}
@@ -329,7 +316,7 @@ def report(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--policy", default=None, help="policy dir (default: artifacts/base_policy, else untrained tiny)")
+    p.add_argument("--policy", default=None, help="policy dir (default: the shipped base policy, 'embedded')")
     p.add_argument("--steps", type=int, default=8, help="measured steps (default 8)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured warm-up steps (default 1)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "step_overhead.md",

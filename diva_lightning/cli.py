@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from diva_lightning.checkpointing import verify_checkpoint
 from diva_lightning.data.datamodule import DivaDataModule
+from diva_lightning.models.embedded import EMBEDDED, resolve_embedded
 from diva_lightning.module import DivaGRPOModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,9 @@ class DivaCLI(LightningCLI):
         at an absent Qwen2.5-VL-7B folder used to build the 0.7M-parameter toy model into it)."""
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         model = self.model
-        if isinstance(model, DivaGRPOModule) and model.is_embedded and cfg.get("build_base_policy", True):
+        if isinstance(model, DivaGRPOModule) and model.policy_path == EMBEDDED:
+            resolve_embedded(EMBEDDED)  # shipped: nothing to build; a damaged copy is an error before anything runs
+        elif isinstance(model, DivaGRPOModule) and model.is_embedded and cfg.get("build_base_policy", True):
             ensure_base_policy(model.policy_path, cfg.get("base_policy_recipe", WARMUP_RECIPE))
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:

@@ -51,6 +51,7 @@ from diva_lightning.core.loss import truncation_mask
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch, merge_families
 from diva_lightning.evaluation import EvalRun, SourceResult, log_values, sources_of
+from diva_lightning.models.embedded import EMBEDDED
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.lora import apply_lora, is_lora, lora_scale, merge_lora_state_dict
 from diva_lightning.models.policy import (
@@ -80,7 +81,8 @@ log = logging.getLogger(__name__)
 
 # The authors' image budget (official-diva.md): a stock Qwen2.5-VL processor would allow 12.8 MP per image.
 AUTHORS_PIXELS = (262_144, 1_048_576)
-EMBEDDED_POLICIES = ("artifacts/base_policy",)  # config values naming the embedded base policy
+# config values naming the embedded base policy: the shipped build, or a local rebuild (built when missing)
+EMBEDDED_POLICIES = (EMBEDDED, "artifacts/base_policy")
 
 __all__ = ["CorrectionConfig", "DivaGRPOModule", "DynamicSamplingConfig", "LossConfig", "PolicyConfig",
            "SamplingConfig"]
@@ -115,7 +117,7 @@ class DivaGRPOModule(pl.LightningModule):
 
     def __init__(
         self,
-        policy: str = "artifacts/base_policy",
+        policy: str = EMBEDDED,
         prompt: PromptConfig | None = None,
         policy_config: PolicyConfig | None = None,
         advantage: AdvantageEstimator | None = None,

@@ -1,6 +1,10 @@
 """Warm-up (SFT) stage: builds the embedded base policy that the RL configs start from.
 
-`python -m diva_lightning warmup --config experiments/warmup.yaml [--output_dir artifacts/base_policy]`
+`python -m diva_lightning warmup --config experiments/warmup.yaml [--output_dir DIR | --ship true]`
+
+``--ship true`` rebuilds the base policy the repository ships (``diva_lightning/assets/base_policy``, what
+``policy: embedded`` loads); ``--output_dir`` builds it elsewhere (e.g. ``artifacts/base_policy``). Either way the
+folder gets ``SHA256SUMS`` (every checkpoint file), ``recipe.yaml`` (the resolved config) and ``build_info.json``.
 
 It builds the tiny Qwen2.5-VL (tokenizer trained on the world's text, random weights) and teaches it, with
 a Lightning `fit` of `SFTModule` on `SFTDataModule`, the response format
@@ -33,6 +37,7 @@ from diva_lightning.core.tiers import VariantSpec
 from diva_lightning.data.schema import QuestionRecord, decode_image
 from diva_lightning.data.variants import render_variant
 from diva_lightning.data.world import format_response, generate_world, world_corpus
+from diva_lightning.models.embedded import SHIPPED_DIR, write_checksums
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.models.tiny import build_tiny_policy
@@ -213,6 +218,7 @@ class SFTModule(pl.LightningModule):
         if self.trainer.global_rank == 0 and self.bundle is not None:
             self.bundle.save(self.output_dir)
             info = write_build_info(self.output_dir, steps=int(self.trainer.global_step))
+            write_checksums(self.output_dir)
             print(f"[diva-lightning] base policy saved to {self.output_dir} (weights sha256 "
                   f"{info['weights_sha256'][:12]}..., {info['cpu_capability']}; see build_info.json)", flush=True)
 
@@ -259,9 +265,13 @@ class WarmupCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--output_dir", type=str | None, default=None,
                             help="Where to save the base policy (overrides model.output_dir).")
+        parser.add_argument("--ship", type=bool, default=False,
+                            help="Save into the shipped folder that `policy: embedded` loads (replaces it).")
 
     def before_instantiate_classes(self) -> None:
-        out = self.config.get("output_dir")
+        out = str(SHIPPED_DIR) if self.config.get("ship") else self.config.get("output_dir")
+        if out and self.config.get("ship") and self.config.get("output_dir"):
+            raise ValueError("warmup: give --output_dir or --ship true, not both")
         if out:
             self.config["model"]["output_dir"] = out
 
@@ -271,3 +281,8 @@ def warmup_main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     cli = WarmupCLI(SFTModule, SFTDataModule, run=False, args=args, save_config_kwargs={"overwrite": True})
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if cli.trainer.global_rank == 0:
+        out = Path(cli.model.output_dir)
+        if cli.config.get("ship"):  # the recipe names the folder as a clone sees it, not this machine's path
+            cli.config["model"]["output_dir"] = str(SHIPPED_DIR.relative_to(SHIPPED_DIR.parents[2]))
+        cli.parser.save(cli.config, str(out / "recipe.yaml"), overwrite=True, skip_check=True)

@@ -276,11 +276,6 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the [ablate] lines say what happened to each cell
-    if not opts.settings.configs and not any("policy" in a for a in opts.settings.overrides):
-        # The embedded default: build the base policy once here, not in every concurrent fit.
-        from diva_lightning.cli import ensure_base_policy
-
-        ensure_base_policy(str(REPO / "artifacts/base_policy"), str(REPO / "experiments/warmup.yaml"))
     try:
         run_sweep(opts, argv)
     except SweepRefused as err:  # one clear line, no traceback

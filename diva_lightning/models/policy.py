@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
 
+from diva_lightning.models.embedded import resolve_embedded
 from diva_lightning.models.prompt import PromptConfig
 from diva_lightning.models.tiny import QWEN_CHAT_TEMPLATE
 from diva_lightning.models.vision import VisionSpec, num_image_tokens, preprocess_images
@@ -182,9 +183,11 @@ class PolicyBundle:
 def resolve_policy_source(path_or_hub_id: str | Path) -> tuple[str, bool]:
     """(source, is_local) for ``from_pretrained``; raises naming the path when nothing can be loaded.
 
-    A local directory wins (``~`` expanded). Only an ``org/name``-shaped string that is not a local directory
-    goes to the hub; anything else that does not exist is an error that says it was not tried as a hub id.
+    ``"embedded"`` is the shipped base policy (checked against its recorded sha256 first). A local directory wins
+    (``~`` expanded). Only an ``org/name``-shaped string that is not a local directory goes to the hub; anything else
+    that does not exist is an error that says it was not tried as a hub id.
     """
+    path_or_hub_id = resolve_embedded(path_or_hub_id)
     raw = str(path_or_hub_id)
     local = Path(raw).expanduser()
     if local.is_dir():
