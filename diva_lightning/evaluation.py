@@ -204,6 +204,13 @@ def _metrics(source: EvalSource, questions: list[_Question], scores: dict[str, l
             if q.level >= 1:
                 by_level.setdefault(q.level, []).extend(q.scores)
         out.update({f"accuracy_level{k}": fmean(v) for k, v in sorted(by_level.items())})
+        # a split composed by the difficulty skew (data.skew): accuracy on its hard / easy / middle shares
+        share = {r.id: r.meta["skew"] for r in source.records if "skew" in r.meta}
+        by_share: dict[str, list[float]] = {}
+        for qid, qscores in scores.items():
+            if qid in share:
+                by_share.setdefault(str(share[qid]), []).extend(qscores)
+        out.update({f"accuracy_{k}": fmean(v) for k, v in sorted(by_share.items()) if v})
         return out
     evaluated = [r for r in source.records if r.id in scores]
     try:

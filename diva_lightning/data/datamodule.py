@@ -43,6 +43,7 @@ from diva_lightning.data.schema import (
     RowProblem,
     load_records_with_report,
 )
+from diva_lightning.data.skew import SkewConfig, compose, share_counts
 from diva_lightning.data.world import generate_world
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class WorldConfig:
     """Number of test questions (a disjoint split)."""
     seed: int = 0
     """Seed of the world generator (independent of the training seed)."""
+    skew: SkewConfig | None = None
+    """Compose each split by the base policy's measured success rate, e.g. {hard: 0.4, easy: 0.4}
+    (`data.skew`; null: the world as generated)."""
 
 
 
@@ -258,7 +262,7 @@ class DivaDataModule(pl.LightningDataModule):
     def _load(self, source: Source, split: str, size: int) -> tuple[list[QuestionRecord], LoadReport | None]:
         """Records of one source, bad rows skipped and reported (the caller raises for all files at once)."""
         if source.path == "world":
-            return generate_world(size, seed=self.world.seed, split=split), None
+            return self._world_split(split, size), None
         path = Path(source.path)
         if not path.exists():
             raise FileNotFoundError(f"DivaDataModule: {split} source {source.path!r} does not exist "
@@ -274,6 +278,24 @@ class DivaDataModule(pl.LightningDataModule):
             records, report = load_records_with_report(path, on_error="skip", images=self.images,
                                                        max_field_chars=self.max_field_chars)
         return records, report
+
+    def _world_split(self, split: str, size: int) -> list[QuestionRecord]:
+        skew = self.world.skew
+        if skew is None:
+            return generate_world(size, seed=self.world.seed, split=split)
+        from diva_lightning.success_table import table_for
+
+        table = table_for(skew.table)
+        where = f"DivaDataModule: world.skew ({split} split, table {skew.table!r})"
+        if table.world_seed != self.world.seed or split not in table.pools:
+            raise ValueError(f"{where}: the table covers world seed {table.world_seed} with pools {table.pools}; "
+                             f"this run asks for seed {self.world.seed}, split {split!r}")
+        pool = generate_world(table.pools[split], seed=self.world.seed, split=split)
+        records = compose(pool, table, size, skew, seed=f"{self.world.seed}:{split}", where=where)
+        counts = share_counts(records)
+        log.info("%s split composed by skew: %d hard, %d easy, %d middle (of a pool of %d)", split, counts["hard"],
+                 counts["easy"], counts["middle"], len(pool))
+        return records
 
     def _check_images(self, records: list[QuestionRecord], report: LoadReport) -> list[QuestionRecord]:
         """Decode (and cache) a benchmark reader's images now: a bad one is a problem of its row, not a crash at

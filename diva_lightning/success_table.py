@@ -1,0 +1,133 @@
+"""Measure a base policy's success rate per world question: the table the difficulty-skew knob composes from.
+
+`python -m diva_lightning.success_table --policy embedded --train 2400 --val 720 --test 240 --samples 16`
+
+samples ``--samples`` responses per question of each split's pool (``generate_world(N, seed, split)``) with the RL
+rollout settings (temperature 1, top_p 1, 80 new tokens, the R1 prompt) and grades them with the RL reward's
+accuracy. The table records the weights' sha256, so a run on another base policy refuses it. Default output: the
+shipped base policy's ``success.json`` when ``--policy embedded``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from diva_lightning.data.schema import QuestionRecord, decode_image
+from diva_lightning.data.skew import SuccessTable
+from diva_lightning.data.world import generate_world
+from diva_lightning.models.embedded import EMBEDDED, SHIPPED_DIR, resolve_embedded
+from diva_lightning.models.policy import PolicyBundle, load_policy
+from diva_lightning.rewards import accuracy_reward
+from diva_lightning.rollout.hf import HFGenerateEngine
+
+TABLE_NAME = "success.json"
+
+
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def weights_digest(policy_dir: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(Path(policy_dir) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def count_successes(bundle: PolicyBundle, records: Sequence[QuestionRecord], *, samples: int, seed: int,
+                    temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 80, batch_questions: int = 16,
+                    progress: Callable[[str], None] | None = None) -> dict[str, int]:
+    """Right answers out of ``samples`` sampled responses, per record id."""
+    engine = HFGenerateEngine()
+    out: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for s in range(0, len(records), batch_questions):
+        chunk = records[s:s + batch_questions]
+        inputs = bundle.encode([r.problem for r in chunk], [[decode_image(r.images[0], None)] for r in chunk])
+        roll = engine.generate(bundle, inputs, num_generations=samples, temperature=temperature, top_p=top_p,
+                               max_new_tokens=max_new_tokens, do_sample=True, seed=_seed("success", seed, s))
+        for i, record in enumerate(chunk):
+            texts = roll.texts[i * samples:(i + 1) * samples]
+            out[record.id] = int(sum(accuracy_reward(t, record.answer) >= 1.0 for t in texts))
+        if progress is not None:
+            done = min(s + batch_questions, len(records))
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            progress(f"{done}/{len(records)} questions ({rate:.1f}/s, ~{(len(records) - done) / rate:.0f}s left)")
+    return out
+
+
+def measure(policy: str, pools: dict[str, int], *, world_seed: int = 0, samples: int = 16, seed: int = 0,
+            max_new_tokens: int = 80, progress: Callable[[str], None] | None = None) -> SuccessTable:
+    """The success table of ``policy`` over the world's pools (split -> size)."""
+    folder = resolve_embedded(policy)
+    bundle = load_policy(folder)
+    successes: dict[str, int] = {}
+    for split, n in pools.items():
+        records = generate_world(n, seed=world_seed, split=split)
+
+        def say(msg: str, split: str = split) -> None:
+            if progress is not None:
+                progress(f"{split}: {msg}")
+
+        successes.update(count_successes(bundle, records, samples=samples, seed=_seed(seed, split),
+                                         max_new_tokens=max_new_tokens, progress=say))
+    settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens, "engine": "HFGenerateEngine",
+                "prompt": "R1 instruction (models.prompt default)", "seed": seed, "policy": str(policy)}
+    return SuccessTable(weights_digest(folder), world_seed, dict(pools), samples, successes, settings)
+
+
+def check_table(table: SuccessTable, policy_dir: str | Path, where: str) -> SuccessTable:
+    """``table`` if it was measured on the weights in ``policy_dir``; else a ValueError saying how to re-measure."""
+    actual = weights_digest(policy_dir)
+    if table.weights_sha256 != actual:
+        raise ValueError(f"{where}: measured on weights {table.weights_sha256[:12]}..., but the policy at {policy_dir} "
+                         f"is {actual[:12]}...: re-measure it (python -m diva_lightning.success_table --policy "
+                         f"{policy_dir})")
+    return table
+
+
+def table_for(policy_or_table: str) -> SuccessTable:
+    """The table named by a skew config: 'embedded' (beside the shipped policy, checked against the shipped weights)
+    or a success.json path (taken as it is: it may belong to any policy)."""
+    if policy_or_table == EMBEDDED:
+        return check_table(SuccessTable.load(SHIPPED_DIR / TABLE_NAME), SHIPPED_DIR, str(SHIPPED_DIR / TABLE_NAME))
+    return SuccessTable.load(policy_or_table)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m diva_lightning.success_table", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", default=EMBEDDED, help="'embedded' (the shipped base policy) or a checkpoint dir")
+    p.add_argument("--out", default=None, help="output file (default: success.json beside the shipped policy "
+                                               "when --policy embedded)")
+    p.add_argument("--train", type=int, default=2400, help="train pool size")
+    p.add_argument("--val", type=int, default=720, help="validation pool size")
+    p.add_argument("--test", type=int, default=240, help="test pool size")
+    p.add_argument("--world_seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=16, help="responses per question")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=int, default=80)
+    a = p.parse_args(argv)
+    if a.out is None and a.policy != EMBEDDED:
+        p.error("--out is required unless --policy embedded")
+    out = Path(a.out) if a.out else SHIPPED_DIR / TABLE_NAME
+    pools = {k: v for k, v in (("train", a.train), ("val", a.val), ("test", a.test)) if v > 0}
+    table = measure(a.policy, pools, world_seed=a.world_seed, samples=a.samples, seed=a.seed,
+                    max_new_tokens=a.max_new_tokens, progress=lambda m: print(f"[success_table] {m}", flush=True))
+    table.save(out)
+    hist = [0] * (table.samples + 1)
+    for k in table.successes.values():
+        hist[k] += 1
+    print(f"[success_table] {len(table.successes)} questions -> {out}; right answers out of {table.samples}: "
+          + " ".join(f"{k}:{n}" for k, n in enumerate(hist)), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
