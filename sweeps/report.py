@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 from sweeps._common import BASELINE_ROW, FULL_ROW, ROWS  # noqa: E402
 from sweeps.runlog import columns, read_metrics, series, val_curve, val_times  # noqa: E402
 from sweeps.study import cell_of  # noqa: E402
-from sweeps.tables import efficiency, fmt, mean_curve, signed, table2  # noqa: E402
+from sweeps.tables import efficiency, fmt, mean_curve, mean_std, signed, table2  # noqa: E402
 
 
 @dataclass
@@ -97,19 +97,64 @@ def write_tables(runs: list[RunData], out_dir: Path) -> dict[str, str]:
     target, eff = efficiency({row: [r.curve for r in rr] for row, rr in by_row.items()},
                              {row: [val_times(r.metrics) for r in rr] for row, rr in by_row.items()},
                              baseline=BASELINE_ROW)
+    # rollouts generated (dynamic sampling's dropped draws included) by the step each row first reaches the target
+    rollouts = {e.row: _mean_at(by_row.get(e.row, []), "rollouts/generated", e.steps) for e in eff}
+    base_rollouts = rollouts.get(BASELINE_ROW, math.nan)
     md_e = [f"Target: the `{BASELINE_ROW}` row's best seed-mean val/accuracy = {fmt(target)}.", "",
-            "| method | steps to target | × GRPO steps | seconds to target | × GRPO seconds |", "|---|---|---|---|---|"]
+            "| method | steps to target | × GRPO steps | rollouts to target | × GRPO rollouts | seconds to target | "
+            "× GRPO seconds |", "|---|---|---|---|---|---|---|"]
     with open(out_dir / "efficiency.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "target", "steps", "seconds", "step_ratio", "time_ratio"])
+        w.writerow(["row", "target", "steps", "seconds", "step_ratio", "time_ratio", "rollouts", "rollout_ratio"])
         for e in eff:
-            w.writerow([e.row, *map(_csv, (target, e.steps, e.seconds, e.step_ratio, e.time_ratio))])
+            ratio = rollouts[e.row] / base_rollouts if base_rollouts else math.nan
+            w.writerow([e.row, *map(_csv, (target, e.steps, e.seconds, e.step_ratio, e.time_ratio, rollouts[e.row],
+                                           ratio))])
             md_e.append(f"| {e.row} | {'not reached' if e.steps is None else e.steps} | {fmt(e.step_ratio, digits=2)}"
+                        f" | {fmt(rollouts[e.row], digits=0)} | {fmt(ratio, digits=2)}"
                         f" | {fmt(e.seconds, digits=1)} | {fmt(e.time_ratio, digits=2)} |")
     tables = {"table2": "\n".join(md2) + "\n", "efficiency": "\n".join(md_e) + "\n"}
+    shares = share_table(runs)
+    if shares:
+        tables["shares"] = shares
     for name, text in tables.items():
         (out_dir / f"{name}.md").write_text(text)
     return tables
+
+
+def _mean_at(runs: list[RunData], key: str, step: int | None) -> float:
+    """Mean over runs of `key` at `step` (nan when not reached or not logged)."""
+    if step is None:
+        return math.nan
+    values = [v for r in runs if not math.isnan(v := dict(series(r.metrics, key)).get(step, math.nan))]
+    return sum(values) / len(values) if values else math.nan
+
+
+SHARE_KEYS = ("val/accuracy_hard", "val/accuracy_easy", "val/accuracy_middle")
+
+
+def share_table(runs: list[RunData]) -> str:
+    """Final and best validation accuracy on each share of a split composed by the difficulty skew (`data.skew`),
+    mean ± std over seeds; empty when no run logged a share."""
+    keys = [k for k in SHARE_KEYS if any(series(r.metrics, k) for r in runs)]
+    if not keys:
+        return ""
+    head = " | ".join(f"final {k.split('_')[-1]} | best {k.split('_')[-1]}" for k in keys)
+    lines = ["| method | seeds | " + head + " |", "|---|---|" + "---|---|" * len(keys)]
+    for row, rr in _by_row(runs).items():
+        cells = []
+        for k in keys:
+            curves = [c for c in (_val_only(r, k) for r in rr) if c]
+            finals = [c[-1][1] for c in curves]
+            bests = [max(v for _, v in c) for c in curves]
+            cells += [fmt(*mean_std(finals)), fmt(*mean_std(bests))]
+        lines.append(f"| {row} | {len(rr)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _val_only(run: RunData, key: str) -> list[tuple[int, float]]:
+    """A validation metric's curve without the before-training validation (as `val_curve`)."""
+    return series([r for r in run.metrics if math.isnan(r.get("val/before_training", math.nan))], key)
 
 
 def write_plots(runs: list[RunData], out_dir: Path) -> list[Path]:
@@ -150,6 +195,10 @@ def write_plots(runs: list[RunData], out_dir: Path) -> list[Path]:
     # a zero-spread prompt group's advantage alive when its family has spread).
     band_plot("frac_zero_advantage.png", "frac_zero_advantage", "optimizer steps",
               {row: [series(r.metrics, "frac_zero_advantage") for r in rr] for row, rr in by_row.items()})
+    for key in SHARE_KEYS:  # a skewed split (data.skew): the hard and easy shares on their own
+        if any(series(r.metrics, key) for r in runs):
+            band_plot(f"{key.replace('/', '_')}_vs_step.png", key, "optimizer steps",
+                      {row: [_val_only(r, key) for r in rr] for row, rr in by_row.items()})
     # Wall-clock: seconds differ per seed, so x is the seeds' mean time at each validated step.
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, rr in by_row.items():
@@ -230,11 +279,14 @@ def write_report(runs: list[RunData], out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tables = write_tables(runs, out)
     pngs = write_plots(runs, out)
-    lines = ["# DIVA-GRPO ablation (Table 2 form)", "", tables["table2"], "## Efficiency", "", tables["efficiency"],
-             "## Learning signal (mean over steps and seeds)", "", signal_table(runs),
-             "## Zero-spread local groups by prompt kind and question tier (mean over steps and seeds)", "",
-             signal_table(runs, ZERO_SPREAD_COLUMNS),
-             "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    lines = ["# DIVA-GRPO ablation (Table 2 form)", "", tables["table2"], "## Efficiency", "", tables["efficiency"]]
+    if "shares" in tables:
+        lines += ["## Validation accuracy by share of the skewed split (hard: base p < 0.1, easy: p > 0.9)", "",
+                  tables["shares"]]
+    lines += ["## Learning signal (mean over steps and seeds)", "", signal_table(runs),
+              "## Zero-spread local groups by prompt kind and question tier (mean over steps and seeds)", "",
+              signal_table(runs, ZERO_SPREAD_COLUMNS),
+              "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
 

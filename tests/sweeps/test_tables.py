@@ -142,3 +142,28 @@ def test_one_seed_prints_na_and_rows_without_variants_leave_variant_metrics_blan
     assert table[2:] == ["| full | 0.375 | 0.000 |", "| grpo | 0.375 |  |"]
     with open(tmp_path / "out" / "table2.csv") as f:
         assert next(csv.DictReader(f))["final_std"] == ""  # absent, not 0 and not "nan"
+
+
+def test_rollouts_to_target_and_the_share_table(tmp_path: Path) -> None:
+    """Rollouts counted as generated (dynamic sampling draws more per step) and the skewed split's shares."""
+    runs = []
+    for row, vals, per_step in (("full", [0.4, 0.6], 80), ("grpo", [0.2, 0.4], 80), ("dapo", [0.4, 0.5], 200)):
+        p = tmp_path / "runs" / row / "metrics.csv"
+        _write_metrics(p, vals, [0.5, 0.5, 0.25, 0.25], hist=False)
+        rows = read_metrics(p)
+        for r in rows:
+            if "frac_reward_zero_std" in r:
+                r["rollouts/generated"] = per_step * (int(r["step"]) + 1)
+            if "val/accuracy" in r:
+                r["val/accuracy_hard"] = r["val/accuracy"] / 2
+                r["val/accuracy_easy"] = 1.0 - r["val/accuracy"] / 4
+        runs.append(RunData(row, 0, rows))
+    text = write_report(runs, tmp_path / "out").read_text()
+    with open(tmp_path / "out" / "efficiency.csv") as f:
+        eff = {r["row"]: r for r in csv.DictReader(f)}
+    # target = grpo's best 0.4, reached at step 4 (320 rollouts); full and dapo reach it at step 2: 160 and 400
+    assert [float(eff[r]["rollouts"]) for r in ("grpo", "full", "dapo")] == [320.0, 160.0, 400.0]
+    assert float(eff["full"]["rollout_ratio"]) == pytest.approx(0.5)
+    assert float(eff["dapo"]["rollout_ratio"]) == pytest.approx(1.25)
+    assert "| full | 1 | 0.300 ± n/a | 0.300 ± n/a | 0.850 ± n/a | 0.900 ± n/a |" in text  # hard final/best, easy
+    assert (tmp_path / "out" / "val_accuracy_hard_vs_step.png").is_file()
