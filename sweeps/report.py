@@ -273,6 +273,28 @@ def signal_table(runs: list[RunData], columns: tuple[str, ...] = SIGNAL_COLUMNS)
     return "\n".join(lines) + "\n"
 
 
+DYNAMIC_COLUMNS = ("dynamic_sampling/frac_spread_units", "dynamic_sampling/draws",
+                   "dynamic_sampling/generated_rollouts", "dynamic_sampling/kept_rollouts")
+
+
+def dynamic_table(runs: list[RunData]) -> str:
+    """Markdown for the rows with dynamic sampling: what the filter saw before it dropped the zero-spread groups
+    (their learning-signal columns are measured after it, so they read 0). Empty when no row samples dynamically."""
+    rows = {row: rr for row, rr in _by_row(runs).items()
+            if any(series(r.metrics, DYNAMIC_COLUMNS[0]) for r in rr)}
+    if not rows:
+        return ""
+    lines = ["| method | zero-spread before the filter | draws per step | rollouts generated per step | "
+             "rollouts kept per step |", "|---|---|---|---|---|"]
+    for row, rr in rows.items():
+        means = []
+        for col in DYNAMIC_COLUMNS:
+            values = [v for r in rr for _, v in series(r.metrics, col)]
+            means.append(sum(values) / len(values) if values else math.nan)
+        lines.append(f"| {row} | {1 - means[0]:.3f} | {means[1]:.2f} | {means[2]:.1f} | {means[3]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(runs: list[RunData], out_dir: str | Path) -> Path:
     """Tables + plots into out_dir; returns the path of report.md."""
     out = Path(out_dir)
@@ -285,8 +307,10 @@ def write_report(runs: list[RunData], out_dir: str | Path) -> Path:
                   tables["shares"]]
     lines += ["## Learning signal (mean over steps and seeds)", "", signal_table(runs),
               "## Zero-spread local groups by prompt kind and question tier (mean over steps and seeds)", "",
-              signal_table(runs, ZERO_SPREAD_COLUMNS),
-              "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
+              signal_table(runs, ZERO_SPREAD_COLUMNS)]
+    if dynamic := dynamic_table(runs):
+        lines += ["## Dynamic sampling: what the filter saw (the rows above are measured after it)", "", dynamic]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
 

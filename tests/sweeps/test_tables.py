@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.report import RunData, signal_table, write_report
+from sweeps.report import RunData, dynamic_table, signal_table, write_report
 from sweeps.runlog import read_metrics, series, val_curve, val_times
 from sweeps.tables import efficiency, first_reach, fmt, mean_curve, mean_std, signed, table2
 
@@ -167,3 +167,17 @@ def test_rollouts_to_target_and_the_share_table(tmp_path: Path) -> None:
     assert float(eff["dapo"]["rollout_ratio"]) == pytest.approx(1.25)
     assert "| full | 1 | 0.300 ± n/a | 0.300 ± n/a | 0.850 ± n/a | 0.900 ± n/a |" in text  # hard final/best, easy
     assert (tmp_path / "out" / "val_accuracy_hard_vs_step.png").is_file()
+
+
+def test_dynamic_sampling_rows_report_what_the_filter_saw() -> None:
+    """A DAPO row's learning-signal columns are measured after its filter (0): the report adds the rate before it."""
+    def step(s: int, spread: float, draws: int) -> dict[str, float]:
+        return {"step": float(s), "dynamic_sampling/frac_spread_units": spread, "dynamic_sampling/draws": draws,
+                "dynamic_sampling/generated_rollouts": 80.0 * draws, "dynamic_sampling/kept_rollouts": 80.0,
+                "frac_reward_zero_std": 0.0}
+    dapo = [RunData("dapo", 0, [step(0, 0.5, 2), step(1, 0.7, 1)]), RunData("dapo", 1, [step(0, 0.6, 3)])]
+    grpo = [RunData("grpo", 0, [{"step": 0.0, "frac_reward_zero_std": 0.4}])]
+    assert dynamic_table(grpo) == ""
+    text = dynamic_table(grpo + dapo)
+    # mean spread over all steps and seeds (0.5 + 0.7 + 0.6) / 3 = 0.6 -> zero-spread 0.400; draws 2.00; 160 / 80
+    assert "| dapo | 0.400 | 2.00 | 160.0 | 80.0 |" in text and "grpo" not in text
