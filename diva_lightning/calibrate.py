@@ -325,9 +325,22 @@ def skew_samples(bundle: PolicyBundle, records: Sequence[QuestionRecord], share:
     return out
 
 
-def skew_report(out_dir: str | Path, by_share: dict[str, list[Sample]], *, meta: str) -> dict[str, Path]:
+def by_table_count(samples: Sequence[Sample], counts: dict[str, int], samples_per_question: int) -> list[str]:
+    """Markdown rows: the re-measured accuracy of the unchanged questions, grouped by their right answers in the
+    success table (does a stricter selection, e.g. 0 of 16, reach the goal?)."""
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        if s.condition == "original":
+            groups.setdefault(counts[s.question_id], []).append(s)
+    rows = [f"| table: {k} of {samples_per_question} right | {len({s.question_id for s in g})} | "
+            f"{sum(s.correct for s in g) / len(g):.3f} |" for k, g in sorted(groups.items())]
+    return ["| questions | n | re-measured p |", "|---|---|---|", *rows, ""]
+
+
+def skew_report(out_dir: str | Path, by_share: dict[str, list[Sample]], *, meta: str,
+                table_counts: tuple[dict[str, int], int] | None = None) -> dict[str, Path]:
     """``calibration_skew.md`` / ``.csv`` / ``.png``: re-measured accuracy of the hard and easy shares under their
-    conditions, the effects against the goals, per family."""
+    conditions, the effects against the goals, per family (and, given the table's counts, by count)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "calibration_skew.md", "csv": out / "calibration_skew.csv",
@@ -352,6 +365,9 @@ def skew_report(out_dir: str | Path, by_share: dict[str, list[Sample]], *, meta:
                                  "accuracy": sum(fs) / len(fs)})
             rows.append({"share": share, "condition": c, "family": "all", "n": len(sel), "accuracy": acc})
             lines.append(f"| {c} | {acc:.3f} | " + " | ".join(per) + f" | {len(sel)} |")
+        lines.append("")
+        if table_counts is not None:
+            lines += by_table_count(samples, *table_counts)
         base = accuracy_of(samples, "original")
         if share == "hard":
             best = max((c for c in conds if c.startswith("hint")), key=lambda c: _paired(samples, c),
@@ -432,7 +448,7 @@ def skew_main(args: argparse.Namespace) -> dict[str, Path]:
             f"and re-measured here with {args.samples} fresh samples per question and condition (temperature 1, "
             f"{args.max_new_tokens} new tokens): a question picked for a measured p of 0/16 regresses towards its "
             f"true rate, so these are the honest numbers. {time.perf_counter() - t0:.0f} s.")
-    paths = skew_report(args.out, by_share, meta=meta)
+    paths = skew_report(args.out, by_share, meta=meta, table_counts=(table.successes, table.samples))
     print(paths["md"].read_text(), flush=True)
     return paths
 

@@ -124,3 +124,39 @@ def test_command_runs_on_a_real_tiny_policy(tmp_path: Path, capsys: pytest.Captu
     assert all(float(r["format_rate"]) == 0.0 for r in rows)
     total = len(C.standard_conditions())
     assert f"[{total}/{total}]" in capsys.readouterr().out  # progress reached the last condition
+
+
+def test_skew_report_by_hand(tmp_path: Path) -> None:
+    """The skew verdicts on hand-built samples: paired hint gains, the strongest perturbation, counts by table."""
+    def s(cond: str, qid: str, correct: float) -> C.Sample:
+        return C.Sample(cond, 1, "count_plus", qid, correct, 1.0)
+
+    hard = [s("original", "a", 0.0), s("original", "a", 0.0), s("original", "b", 1.0), s("original", "b", 0.0),
+            s("hint3", "a", 1.0), s("hint3", "a", 1.0)]  # hint3 only asked of 'a': paired gain 1.0 - 0.0
+    easy = [s("original", "c", 1.0), s("original", "c", 1.0), s("blank", "c", 1.0), s("blank", "c", 0.0),
+            s("plan@1", "c", 0.0), s("plan@1", "c", 1.0), s("noise@1", "c", 0.0), s("noise@1", "c", 0.0)]
+    paths = C.skew_report(tmp_path, {"hard": hard, "easy": easy}, meta="hand-built",
+                          table_counts=({"a": 0, "b": 1, "c": 16}, 16))
+    md = paths["md"].read_text()
+    assert "hard: p = 0.250 (goal < 0.1: NOT met); best hint hint3: +100.0 points" in md
+    assert "strongest single condition noise@1: -100.0 points (goal <= -15: met)" in md
+    assert "plan@1: -50.0 points" in md and "easy: p = 1.000 (goal > 0.9: met)" in md
+    # by the table's count: 'a' (0 of 16) re-measured 0/2, 'b' (1 of 16) 1/2
+    assert "| table: 0 of 16 right | 1 | 0.000 |" in md and "| table: 1 of 16 right | 1 | 0.500 |" in md
+    with open(paths["csv"]) as f:
+        rows = {(r["share"], r["condition"], r["family"]): float(r["accuracy"]) for r in csv.DictReader(f)}
+    assert rows["easy", "blank", "all"] == 0.5 and rows["hard", "hint3", "count_plus"] == 1.0
+    assert paths["png"].stat().st_size > 0
+
+
+def test_skew_calibration_of_the_shipped_policy_runs_through_the_command(tmp_path: Path) -> None:
+    """The real command on the shipped policy and table, a few questions: every condition of each share is asked."""
+    C.main(["--skew", "--out", str(tmp_path), "--per_share", "2", "--samples", "1", "--max_new_tokens", "8"])
+    with open(tmp_path / "calibration_skew.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["family"] == "all"]
+    asked = {(r["share"], r["condition"]) for r in rows}
+    assert {("hard", "original"), ("hard", "hint1"), ("easy", "original"), ("easy", "blank"), ("easy", "plan@1"),
+            ("easy", "rotate@1"), ("easy", "noise@0.6")} <= asked
+    # 2 questions x 1 sample for an unchanged question
+    assert next(int(r["n"]) for r in rows if (r["share"], r["condition"]) == ("easy", "original")) == 2
+    assert "## Preconditions" in (tmp_path / "calibration_skew.md").read_text()
