@@ -20,7 +20,7 @@ from pathlib import Path
 from diva_lightning.data.schema import QuestionRecord, decode_image
 from diva_lightning.data.skew import SuccessTable
 from diva_lightning.data.world import generate_world
-from diva_lightning.models.embedded import EMBEDDED, SHIPPED_DIR, resolve_embedded
+from diva_lightning.models.embedded import EMBEDDED, SHIPPED_DIR, file_sha256, resolve_embedded
 from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.rewards import accuracy_reward
 from diva_lightning.rollout.hf import HFGenerateEngine
@@ -33,11 +33,8 @@ def _seed(*parts: object) -> int:
 
 
 def weights_digest(policy_dir: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(Path(policy_dir) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a checkpoint's weights (what tells base-policy builds apart)."""
+    return file_sha256(Path(policy_dir) / "model.safetensors")
 
 
 def count_successes(bundle: PolicyBundle, records: Sequence[QuestionRecord], *, samples: int, seed: int,

@@ -16,7 +16,6 @@ the standard `save_pretrained` layout at `output_dir`. Measured numbers: docs/ca
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import random
@@ -37,7 +36,7 @@ from diva_lightning.core.tiers import VariantSpec
 from diva_lightning.data.schema import QuestionRecord, decode_image
 from diva_lightning.data.variants import render_variant
 from diva_lightning.data.world import format_response, generate_world, world_corpus
-from diva_lightning.models.embedded import SHIPPED_DIR, write_checksums
+from diva_lightning.models.embedded import SHIPPED_DIR, file_sha256, write_checksums
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.models.tiny import build_tiny_policy
@@ -245,7 +244,7 @@ def write_build_info(output_dir: str | Path, *, steps: int) -> dict[str, Any]:
 
     out = Path(output_dir)
     weights = out / "model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else ""
+    digest = file_sha256(weights) if weights.is_file() else ""
     info: dict[str, Any] = {
         "weights_sha256": digest,
         "sft_steps": steps,

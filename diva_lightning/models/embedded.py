@@ -25,7 +25,8 @@ CHECKSUMS = "SHA256SUMS"
 _NOT_CHECKED = {CHECKSUMS, "recipe.yaml", "build_info.json", "success.json"}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of one file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -41,7 +42,7 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
 def write_checksums(folder: str | Path) -> dict[str, str]:
     """Write ``<folder>/SHA256SUMS`` (``sha256sum`` format) for the checkpoint's files; returns name -> sha256."""
     out = Path(folder)
-    sums = {p.name: _sha256(p) for p in checkpoint_files(out)}
+    sums = {p.name: file_sha256(p) for p in checkpoint_files(out)}
     (out / CHECKSUMS).write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
     return sums
 
@@ -71,7 +72,7 @@ def verify_checksums(folder: str | Path) -> dict[str, str]:
         path = folder / name
         if not path.is_file():
             problems.append(f"{name}: missing")
-        elif (actual := _sha256(path)) != digest:
+        elif (actual := file_sha256(path)) != digest:
             problems.append(f"{name}: sha256 {actual[:12]}... but {CHECKSUMS} records {digest[:12]}...")
     problems += [f"{p.name}: not listed in {CHECKSUMS}" for p in checkpoint_files(folder) if p.name not in sums]
     if problems:
@@ -79,11 +80,6 @@ def verify_checksums(folder: str | Path) -> dict[str, str]:
                          + " (rebuild it: python -m diva_lightning warmup --config experiments/warmup.yaml "
                            "--ship true)")
     return sums
-
-
-def weights_sha256(folder: str | Path = SHIPPED_DIR) -> str:
-    """The recorded sha256 of ``model.safetensors`` (what tells base-policy builds apart)."""
-    return read_checksums(folder).get("model.safetensors", "")
 
 
 def resolve_embedded(policy: str | Path) -> str | Path:
