@@ -56,8 +56,10 @@ class SkewConfig:
             raise ValueError("skew: " + "; ".join(problems))
 
     def counts(self, n: int) -> dict[str, int]:
-        """Questions per share for a split of ``n`` (rounded; the middle takes the remainder)."""
-        hard, easy = round(self.hard * n), round(self.easy * n)
+        """Questions per share for a split of ``n`` (rounded; the middle takes the remainder, never below 0: with
+        hard + easy = 1 both can round up, e.g. 0.5 x 3 -> 2 + 2, and easy then gets what is left)."""
+        hard = round(self.hard * n)
+        easy = min(round(self.easy * n), n - hard)
         return {"hard": hard, "easy": easy, "middle": n - hard - easy}
 
 

@@ -41,6 +41,12 @@ def test_hand_worked_composition() -> None:
     assert table.share_of(pool[9].id, SkewConfig()) == "middle"
 
 
+def test_counts_never_exceed_the_split() -> None:
+    # 0.5 x 3 rounds to 2 for both shares: easy gets the 1 left, the middle none
+    assert SkewConfig(hard=0.5, easy=0.5).counts(3) == {"hard": 2, "easy": 1, "middle": 0}
+    assert SkewConfig(hard=0.4, easy=0.4).counts(160) == {"hard": 64, "easy": 64, "middle": 32}
+
+
 def test_shortfall_names_the_share() -> None:
     pool = generate_world(8, seed=0, split="train")
     table = _table(pool, [0, 5, 5, 5, 5, 5, 5, 10])
