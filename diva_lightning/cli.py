@@ -108,6 +108,21 @@ class DivaCLI(LightningCLI):
     def before_fit(self) -> None:
         self._mark_start()
         self._bootstrap()
+        self._check_skew_temperature()
+
+    def _check_skew_temperature(self) -> None:
+        """A skewed world's shares were measured at one rollout temperature: training at another is an error
+        before anything loads (the "hard" questions would not be hard)."""
+        from diva_lightning.data.datamodule import DivaDataModule
+        from diva_lightning.success_table import check_temperature, table_for
+
+        model, data = self.model, self.datamodule
+        if not isinstance(model, DivaGRPOModule) or not isinstance(data, DivaDataModule):
+            return
+        skew = data.world.skew
+        if skew is not None and data.train_source == "world":
+            check_temperature(table_for(skew.table), model.train_sampling.temperature,
+                              f"data.world.skew (table {skew.table!r})")
 
     def before_validate(self) -> None:
         self._mark_start()

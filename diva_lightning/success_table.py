@@ -1,11 +1,12 @@
 """Measure a base policy's success rate per world question: the table the difficulty-skew knob composes from.
 
-`python -m diva_lightning.success_table --policy embedded --train 2400 --val 720 --test 240 --samples 16`
+`python -m diva_lightning.success_table --policy embedded --temperature 0.5 --train 2400 --val 720 --test 240`
 
-samples ``--samples`` responses per question of each split's pool (``generate_world(N, seed, split)``) with the RL
-rollout settings (temperature 1, top_p 1, 80 new tokens, the R1 prompt) and grades them with the RL reward's
-accuracy. The table records the weights' sha256, so a run on another base policy refuses it. Default output: the
-shipped base policy's ``success.json`` when ``--policy embedded``.
+samples ``--samples`` (16) responses per question of each split's pool (``generate_world(N, seed, split)``) with the
+RL rollout settings (``--temperature``, top_p 1, 80 new tokens, the R1 prompt) and grades them with the RL reward's
+accuracy. The table records the weights' sha256 and the temperature, so a run on another base policy, or one whose
+rollouts sample at another temperature, refuses it. Default output: the shipped base policy's ``success.json`` when
+``--policy embedded`` (measured at 0.5, the temperature of ``experiments/skewed.yaml``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def count_successes(bundle: PolicyBundle, records: Sequence[QuestionRecord], *, 
 
 
 def measure(policy: str, pools: dict[str, int], *, world_seed: int = 0, samples: int = 16, seed: int = 0,
-            max_new_tokens: int = 80, progress: Callable[[str], None] | None = None) -> SuccessTable:
+            max_new_tokens: int = 80, temperature: float = 1.0,
+            progress: Callable[[str], None] | None = None) -> SuccessTable:
     """The success table of ``policy`` over the world's pools (split -> size)."""
     folder = resolve_embedded(policy)
     bundle = load_policy(folder)
@@ -73,8 +75,9 @@ def measure(policy: str, pools: dict[str, int], *, world_seed: int = 0, samples:
                 progress(f"{split}: {msg}")
 
         successes.update(count_successes(bundle, records, samples=samples, seed=_seed(seed, split),
-                                         max_new_tokens=max_new_tokens, progress=say))
-    settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens, "engine": "HFGenerateEngine",
+                                         max_new_tokens=max_new_tokens, temperature=temperature, progress=say))
+    settings = {"temperature": temperature, "top_p": 1.0, "max_new_tokens": max_new_tokens,
+                "engine": "HFGenerateEngine",
                 "prompt": "R1 instruction (models.prompt default)", "seed": seed, "policy": str(policy)}
     return SuccessTable(weights_digest(folder), world_seed, dict(pools), samples, successes, settings)
 
@@ -86,6 +89,21 @@ def check_table(table: SuccessTable, policy_dir: str | Path, where: str) -> Succ
         raise ValueError(f"{where}: measured on weights {table.weights_sha256[:12]}..., but the policy at {policy_dir} "
                          f"is {actual[:12]}...: re-measure it (python -m diva_lightning.success_table --policy "
                          f"{policy_dir})")
+    return table
+
+
+def check_temperature(table: SuccessTable, temperature: float, where: str) -> SuccessTable:
+    """``table`` if it was measured at the rollouts' ``temperature``; else a ValueError saying both and how to fix it.
+
+    A question's success rate depends on the sampling temperature (at 1.0 the embedded policy's rates hardly leave
+    [0.1, 0.9]; at 0.5 they reach both ends), so shares chosen at one temperature are not hard or easy at another.
+    Tables written before the setting was recorded were measured at 1.0.
+    """
+    measured = float(table.settings.get("temperature", 1.0))
+    if abs(measured - temperature) > 1e-9:
+        raise ValueError(f"{where}: the success table was measured at temperature {measured:g}, but the rollouts "
+                         f"sample at {temperature:g}: set model.init_args.train_sampling.temperature: {measured:g}, or "
+                         f"re-measure the table (python -m diva_lightning.success_table --temperature {temperature:g})")
     return table
 
 
@@ -110,13 +128,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--samples", type=int, default=16, help="responses per question")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_new_tokens", type=int, default=80)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="rollout temperature to measure at (must equal the run's model.train_sampling.temperature)")
     a = p.parse_args(argv)
     if a.out is None and a.policy != EMBEDDED:
         p.error("--out is required unless --policy embedded")
     out = Path(a.out) if a.out else SHIPPED_DIR / TABLE_NAME
     pools = {k: v for k, v in (("train", a.train), ("val", a.val), ("test", a.test)) if v > 0}
     table = measure(a.policy, pools, world_seed=a.world_seed, samples=a.samples, seed=a.seed,
-                    max_new_tokens=a.max_new_tokens, progress=lambda m: print(f"[success_table] {m}", flush=True))
+                    max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    progress=lambda m: print(f"[success_table] {m}", flush=True))
     table.save(out)
     hist = [0] * (table.samples + 1)
     for k in table.successes.values():

@@ -139,14 +139,49 @@ def test_skew_report_by_hand(tmp_path: Path) -> None:
                           table_counts=({"a": 0, "b": 1, "c": 16}, 16))
     md = paths["md"].read_text()
     assert "hard: p = 0.250 (goal < 0.1: NOT met); best hint hint3: +100.0 points" in md
-    assert "strongest single condition noise@1: -100.0 points (goal <= -15: met)" in md
-    assert "plan@1: -50.0 points" in md and "easy: p = 1.000 (goal > 0.9: met)" in md
+    assert "strongest single condition noise@1: -100.0 points; goal <= -15: met" in md
+    assert "easy: p = 1.000 (goal > 0.9: met)" in md
     # by the table's count: 'a' (0 of 16) re-measured 0/2, 'b' (1 of 16) 1/2
     assert "| table: 0 of 16 right | 1 | 0.000 |" in md and "| table: 1 of 16 right | 1 | 0.500 |" in md
     with open(paths["csv"]) as f:
         rows = {(r["share"], r["condition"], r["family"]): float(r["accuracy"]) for r in csv.DictReader(f)}
     assert rows["easy", "blank", "all"] == 0.5 and rows["hard", "hint3", "count_plus"] == 1.0
     assert paths["png"].stat().st_size > 0
+
+
+def test_skew_verdict_is_on_the_run_planners_weaker_variant(tmp_path: Path) -> None:
+    """With the run's planner variants measured, the easy verdict is on the weaker of them (what the run really
+    makes), not on the strongest single condition."""
+    def s(cond: str, correct: float) -> C.Sample:
+        return C.Sample(cond, 1, "count_color", "q", correct, 1.0)
+
+    easy = [s("original", 1.0)] * 4 + [s("run_plan@1", 0.0)] * 3 + [s("run_plan@1", 1.0)] \
+        + [s("run_plan@3", 1.0)] * 3 + [s("run_plan@3", 0.0)] + [s("rotate@1", 0.0)] * 4
+    md = C.skew_report(tmp_path, {"easy": easy}, meta="hand-built")["md"].read_text()
+    assert "run_plan@1 -75.0, run_plan@3 -25.0 points (the run's planner)" in md
+    assert "strongest single condition rotate@1: -100.0 points; goal <= -15 on the weaker of the run planner " \
+           "variants: met" in md
+    easy[-8:-4] = [s("run_plan@3", 1.0)] * 4  # the weaker variant costs nothing now: not met, whatever rotation does
+    md = C.skew_report(tmp_path, {"easy": easy}, meta="hand-built")["md"].read_text()
+    assert "run_plan@3 +0.0" in md and "variants: NOT met" in md
+
+
+def test_skew_conditions_follow_skewed_yaml() -> None:
+    """The calibration's default planner settings are experiments/skewed.yaml's (one place would drift otherwise)."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "experiments" / "skewed.yaml").read_text())["data"]["init_args"]
+    assert tuple(cfg["intensity_range"]) == C.SKEW_INTENSITY and tuple(cfg["image_ops"]) == C.SKEW_OPS
+    conds = {c.name: c for c in C.skew_conditions("easy")}
+    assert conds["run_plan@1"].plan_intensity == (0.8, 1.0) and conds["run_plan@1"].plan_ops == C.SKEW_OPS
+    assert conds["plan@1"].plan_intensity == (0.2, 0.6) and conds["plan@1"].plan_ops is None
+    # the run's planner at D = 1 perturbs with its own ops only, at the top of its range
+    for i in range(20):
+        spec = C.variant_spec(conds["run_plan@1"], i, seed=0)
+        assert spec is not None and spec.kind == "image" and set(spec.image_ops) <= set(C.SKEW_OPS)
+        assert spec.intensity == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="share"):
+        C.skew_conditions("middle")
 
 
 def test_skew_calibration_of_the_shipped_policy_runs_through_the_command(tmp_path: Path) -> None:
@@ -156,7 +191,8 @@ def test_skew_calibration_of_the_shipped_policy_runs_through_the_command(tmp_pat
         rows = [r for r in csv.DictReader(f) if r["family"] == "all"]
     asked = {(r["share"], r["condition"]) for r in rows}
     assert {("hard", "original"), ("hard", "hint1"), ("easy", "original"), ("easy", "blank"), ("easy", "plan@1"),
-            ("easy", "rotate@1"), ("easy", "noise@0.6")} <= asked
+            ("easy", "run_plan@1"), ("easy", "run_plan@3"), ("easy", "rotate@1"), ("easy", "noise@0.6")} <= asked
     # 2 questions x 1 sample for an unchanged question
     assert next(int(r["n"]) for r in rows if (r["share"], r["condition"]) == ("easy", "original")) == 2
-    assert "## Preconditions" in (tmp_path / "calibration_skew.md").read_text()
+    md = (tmp_path / "calibration_skew.md").read_text()
+    assert "## Preconditions" in md and "(temperature 0.5," in md  # sampled at the table's temperature

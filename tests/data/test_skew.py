@@ -159,3 +159,32 @@ def test_a_table_of_other_weights_is_refused(tmp_path: Path) -> None:
     assert SuccessTable.load(fake).weights_sha256 == "f" * 64
     with pytest.raises(ValueError, match="measured on weights ffffffffffff"):
         success_table.check_table(SuccessTable.load(fake), SHIPPED_DIR, str(fake))
+
+
+def test_a_table_measured_at_another_temperature_is_refused(tmp_path: Path) -> None:
+    """Shares measured at one rollout temperature are not hard or easy at another: check_temperature refuses the
+    mismatch naming both, and a table written before the setting was recorded counts as temperature 1."""
+    from diva_lightning.success_table import check_temperature, table_for
+
+    shipped = table_for("embedded")
+    assert shipped.settings["temperature"] == 0.5  # experiments/skewed.yaml's rollout temperature
+    assert check_temperature(shipped, 0.5, "here") is shipped
+    with pytest.raises(ValueError, match=r"here: the success table was measured at temperature 0.5, but the rollouts "
+                                         r"sample at 1: set model.init_args.train_sampling.temperature: 0.5"):
+        check_temperature(shipped, 1.0, "here")
+    legacy = SuccessTable("0" * 64, 0, {"train": 1}, 16, {"x": 3})  # no settings: measured at 1.0
+    assert check_temperature(legacy, 1.0, "here") is legacy
+    with pytest.raises(ValueError, match="measured at temperature 1, but the rollouts sample at 0.5"):
+        check_temperature(legacy, 0.5, "here")
+
+
+def test_fit_on_the_skewed_world_at_another_temperature_stops_before_training(tmp_path: Path) -> None:
+    """Through the real CLI: skewed.yaml with the paper's rollout temperature (1.0) is refused before the policy
+    loads or a step runs; nothing is written under the run folder."""
+    from diva_lightning.cli import run_cli
+
+    with pytest.raises(ValueError, match="measured at temperature 0.5, but the rollouts sample at 1"):
+        run_cli(["fit", "--config", str(REPO / "experiments/full.yaml"), "--config",
+                 str(REPO / "experiments/skewed.yaml"), "--model.init_args.train_sampling.temperature", "1.0",
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "1"])
+    assert not list((tmp_path / "runs").rglob("metrics.csv"))
