@@ -44,7 +44,7 @@ from diva_lightning.data.schema import (
     load_records_with_report,
 )
 from diva_lightning.data.skew import SkewConfig, compose, share_counts
-from diva_lightning.data.world import generate_world
+from diva_lightning.data.world import FAMILIES, generate_world
 
 log = logging.getLogger(__name__)
 DEFAULT_DIFFICULTY = next(f.default for f in fields(QuestionRecord) if f.name == "difficulty")  # a record without one
@@ -65,6 +65,38 @@ class WorldConfig:
     skew: SkewConfig | None = None
     """Compose each split by the base policy's measured success rate, e.g. {hard: 0.4, easy: 0.4}
     (`data.skew`; null: the world as generated)."""
+    families: list[str] | None = None
+    """Question families to draw, cycled in this order (null: all of count_color, count_shape, count_plus,
+    compare)."""
+    levels: list[int] | None = None
+    """Intrinsic levels to draw, 1..5 (null: all five)."""
+
+    def check(self) -> list[str]:
+        """Problems with this world's settings, one string each (empty when valid)."""
+        problems = []
+        if min(self.train_size, self.val_size, self.test_size) < 0:
+            problems.append(f"world sizes must be >= 0, got {self.train_size}, {self.val_size}, {self.test_size}")
+        if self.families is not None:
+            unknown = [f for f in self.families if f not in FAMILIES]
+            if unknown or not self.families:
+                problems.append(f"world.families must be a non-empty list of {', '.join(FAMILIES)}; got "
+                                f"{self.families}")
+        if self.levels is not None and (not self.levels or any(not 1 <= lv <= 5 for lv in self.levels)):
+            problems.append(f"world.levels must be a non-empty list of levels in 1..5; got {self.levels}")
+        if self.skew is not None and (self.families is not None or self.levels is not None):
+            problems.append("world.skew composes splits from a success table measured on the world as generated (all "
+                            "families, levels 1-5): world.families / world.levels would change which question each "
+                            "id names; drop them, or drop skew")
+        return problems
+
+    def generator_args(self) -> dict[str, Any]:
+        """``generate_world`` keyword arguments for this composition (the defaults when unset)."""
+        out: dict[str, Any] = {}
+        if self.families is not None:
+            out["families"] = tuple(self.families)
+        if self.levels is not None:
+            out["levels"] = tuple(int(lv) for lv in self.levels)
+        return out
 
 
 
@@ -224,6 +256,7 @@ class DivaDataModule(pl.LightningDataModule):
                             f"{max_field_chars}")
         if on_error not in ("raise", "skip"):
             problems.append(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        problems += (world or WorldConfig()).check()
         if problems:
             raise ValueError("DivaDataModule: " + "; ".join(problems))
         self.train_source, self.val_source, self.test_source = train_source, val_source, test_source
@@ -282,7 +315,7 @@ class DivaDataModule(pl.LightningDataModule):
     def _world_split(self, split: str, size: int) -> list[QuestionRecord]:
         skew = self.world.skew
         if skew is None:
-            return generate_world(size, seed=self.world.seed, split=split)
+            return generate_world(size, seed=self.world.seed, split=split, **self.world.generator_args())
         from diva_lightning.success_table import table_for
 
         table = table_for(skew.table)

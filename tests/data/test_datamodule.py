@@ -94,3 +94,26 @@ def test_bad_arguments_are_reported_together() -> None:
         DivaDataModule(questions_per_step=0, num_variants=-1, plan="random", image_ops=["swirl"])
     for name in ("questions_per_step", "num_variants", "plan must be one of tiers, official", "image_ops"):
         assert name in str(err.value)
+
+
+def test_world_composition_is_configurable_and_checked() -> None:
+    """data.world.families / levels reach the generator (the same questions generate_world draws), bad values are
+    errors naming the field, and a skewed world refuses them (its table's ids name the default composition)."""
+    import pytest
+
+    from diva_lightning.data.skew import SkewConfig
+    from diva_lightning.data.world import generate_world
+
+    world = WorldConfig(train_size=8, val_size=4, test_size=0, families=["compare", "count_plus"], levels=[1, 2])
+    dm = DivaDataModule(world=world, questions_per_step=2, num_generations=2)
+    dm.setup("fit")
+    assert dm.train_records == generate_world(8, seed=0, split="train", families=("compare", "count_plus"),
+                                              levels=(1, 2))
+    assert {r.meta["family"] for r in dm.train_records + dm.val_records} == {"compare", "count_plus"}
+    assert {r.meta["level"] for r in dm.train_records} == {1, 2}
+    with pytest.raises(ValueError) as err:
+        DivaDataModule(world=WorldConfig(families=["count_all"], levels=[0, 6]))
+    assert "world.families must be a non-empty list" in str(err.value) and "['count_all']" in str(err.value)
+    assert "world.levels must be a non-empty list of levels in 1..5; got [0, 6]" in str(err.value)
+    with pytest.raises(ValueError, match="world.skew composes splits from a success table"):
+        DivaDataModule(world=WorldConfig(levels=[1], skew=SkewConfig(hard=0.5)))
