@@ -4,7 +4,9 @@ Outputs in the sweep folder: `table2.md`/`table2.csv` (final and best val/accura
 to full), `efficiency.md`/`efficiency.csv` (steps and seconds to reach GRPO's best, ratio to GRPO), `report.md`
 (both tables), and PNGs: `val_accuracy_vs_step.png`, `val_accuracy_vs_time.png`, `frac_reward_zero_std.png`,
 `frac_family_zero_std.png`, `frac_zero_advantage.png`, `difficulty_hist_full.png`; report.md also has a
-learning-signal table.
+learning-signal table. On a skewed split (`data.world.skew`): `shares.md` (accuracy per share) with the efficiency
+on the hard share (`efficiency_hard.csv`: steps, rollouts and seconds to GRPO's best hard-share accuracy) and a
+validation-accuracy plot per share.
 
     python sweeps/report.py --storage journal:outputs/ablate/study.journal --study diva-ablate --out outputs/ablate
 
@@ -94,32 +96,43 @@ def write_tables(runs: list[RunData], out_dir: Path) -> dict[str, str]:
                                                      s.delta_final, s.delta_best))])
             md2.append(f"| {s.row} | {s.seeds} | {fmt(s.final_mean, s.final_std)} | {signed(s.delta_final)} | "
                        f"{fmt(s.best_mean, s.best_std)} | {signed(s.delta_best)} |")
-    target, eff = efficiency({row: [r.curve for r in rr] for row, rr in by_row.items()},
+    md_e = efficiency_lines(by_row, "val/accuracy", out_dir / "efficiency.csv")
+    tables = {"table2": "\n".join(md2) + "\n", "efficiency": "\n".join(md_e) + "\n"}
+    shares = share_table(runs)
+    if shares:
+        if any(series(r.metrics, "val/accuracy_hard") for r in runs):  # how fast each row learns the hard share
+            shares += ("\n### Efficiency on the hard share\n\n"
+                       + "\n".join(efficiency_lines(by_row, "val/accuracy_hard", out_dir / "efficiency_hard.csv"))
+                       + "\n")
+        tables["shares"] = shares
+    for name, text in tables.items():
+        (out_dir / f"{name}.md").write_text(text)
+    return tables
+
+
+def efficiency_lines(by_row: dict[str, list[RunData]], key: str, csv_path: Path) -> list[str]:
+    """Markdown lines (and ``csv_path``) of the steps, rollouts and seconds each row needs to reach the GRPO row's
+    best seed-mean of the validation metric ``key``, and their ratios to GRPO's."""
+    target, eff = efficiency({row: [c for c in (_val_only(r, key) for r in rr) if c] for row, rr in by_row.items()},
                              {row: [val_times(r.metrics) for r in rr] for row, rr in by_row.items()},
                              baseline=BASELINE_ROW)
     # rollouts generated (dynamic sampling's dropped draws included) by the step each row first reaches the target
     rollouts = {e.row: _mean_at(by_row.get(e.row, []), "rollouts/generated", e.steps) for e in eff}
     base_rollouts = rollouts.get(BASELINE_ROW, math.nan)
-    md_e = [f"Target: the `{BASELINE_ROW}` row's best seed-mean val/accuracy = {fmt(target)}.", "",
-            "| method | steps to target | × GRPO steps | rollouts to target | × GRPO rollouts | seconds to target | "
-            "× GRPO seconds |", "|---|---|---|---|---|---|---|"]
-    with open(out_dir / "efficiency.csv", "w", newline="") as f:
+    lines = [f"Target: the `{BASELINE_ROW}` row's best seed-mean {key} = {fmt(target)}.", "",
+             "| method | steps to target | × GRPO steps | rollouts to target | × GRPO rollouts | seconds to target | "
+             "× GRPO seconds |", "|---|---|---|---|---|---|---|"]
+    with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["row", "target", "steps", "seconds", "step_ratio", "time_ratio", "rollouts", "rollout_ratio"])
         for e in eff:
             ratio = rollouts[e.row] / base_rollouts if base_rollouts else math.nan
             w.writerow([e.row, *map(_csv, (target, e.steps, e.seconds, e.step_ratio, e.time_ratio, rollouts[e.row],
                                            ratio))])
-            md_e.append(f"| {e.row} | {'not reached' if e.steps is None else e.steps} | {fmt(e.step_ratio, digits=2)}"
-                        f" | {fmt(rollouts[e.row], digits=0)} | {fmt(ratio, digits=2)}"
-                        f" | {fmt(e.seconds, digits=1)} | {fmt(e.time_ratio, digits=2)} |")
-    tables = {"table2": "\n".join(md2) + "\n", "efficiency": "\n".join(md_e) + "\n"}
-    shares = share_table(runs)
-    if shares:
-        tables["shares"] = shares
-    for name, text in tables.items():
-        (out_dir / f"{name}.md").write_text(text)
-    return tables
+            lines.append(f"| {e.row} | {'not reached' if e.steps is None else e.steps} | {fmt(e.step_ratio, digits=2)}"
+                         f" | {fmt(rollouts[e.row], digits=0)} | {fmt(ratio, digits=2)}"
+                         f" | {fmt(e.seconds, digits=1)} | {fmt(e.time_ratio, digits=2)} |")
+    return lines
 
 
 def _mean_at(runs: list[RunData], key: str, step: int | None) -> float:

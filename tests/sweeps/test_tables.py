@@ -166,6 +166,12 @@ def test_rollouts_to_target_and_the_share_table(tmp_path: Path) -> None:
     assert float(eff["full"]["rollout_ratio"]) == pytest.approx(0.5)
     assert float(eff["dapo"]["rollout_ratio"]) == pytest.approx(1.25)
     assert "| full | 1 | 0.300 ± n/a | 0.300 ± n/a | 0.850 ± n/a | 0.900 ± n/a |" in text  # hard final/best, easy
+    # the same on the hard share: grpo's best hard 0.2 (step 4, 320 rollouts); full and dapo reach it at step 2
+    assert "### Efficiency on the hard share" in text and "best seed-mean val/accuracy_hard = 0.200" in text
+    with open(tmp_path / "out" / "efficiency_hard.csv") as f:
+        hard = {r["row"]: r for r in csv.DictReader(f)}
+    assert [float(hard[r]["rollouts"]) for r in ("grpo", "full", "dapo")] == [320.0, 160.0, 400.0]
+    assert float(hard["full"]["step_ratio"]) == pytest.approx(0.5) and float(hard["grpo"]["target"]) == 0.2
     assert (tmp_path / "out" / "val_accuracy_hard_vs_step.png").is_file()
 
 
