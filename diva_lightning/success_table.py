@@ -15,7 +15,7 @@ import argparse
 import hashlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from diva_lightning.data.schema import QuestionRecord, decode_image
@@ -115,6 +115,43 @@ def table_for(policy_or_table: str) -> SuccessTable:
     return SuccessTable.load(policy_or_table)
 
 
+def histogram(table: SuccessTable) -> list[int]:
+    """Number of questions with k right answers, for k = 0..samples."""
+    hist = [0] * (table.samples + 1)
+    for k in table.successes.values():
+        hist[k] += 1
+    return hist
+
+
+def plot_histograms(tables: Mapping[str, SuccessTable], path: str | Path) -> Path:
+    """One PNG: the share of questions with k right answers out of ``samples``, a bar group per k and a bar per
+    table (e.g. the same policy at two temperatures), with the hard and easy thresholds of the default skew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(tables), 1)
+    for i, (name, table) in enumerate(tables.items()):
+        hist = histogram(table)
+        total = sum(hist)
+        ax.bar([k - 0.4 + width * (i + 0.5) for k in range(len(hist))], [n / total for n in hist], width,
+               label=f"{name} (T = {float(table.settings.get('temperature', 1.0)):g}, {total} questions)")
+    samples = max(t.samples for t in tables.values())
+    ax.axvline(1.5, ls=":", c="gray")
+    ax.axvline(samples - 1.5, ls=":", c="gray")
+    ax.text(0.6, ax.get_ylim()[1] * 0.92, "hard", ha="center", fontsize=8)
+    ax.text(samples - 0.6, ax.get_ylim()[1] * 0.92, "easy", ha="center", fontsize=8)
+    ax.set(xlabel=f"right answers out of {samples} sampled responses", ylabel="share of questions",
+           xticks=range(samples + 1), title="Base policy's success per world question")
+    ax.legend(fontsize=8, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     p = argparse.ArgumentParser(prog="python -m diva_lightning.success_table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,9 +165,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--samples", type=int, default=16, help="responses per question")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_new_tokens", type=int, default=80)
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="rollout temperature to measure at (must equal the run's model.train_sampling.temperature)")
+    p.add_argument("--temperature", type=float, default=0.5,
+                   help="rollout temperature to measure at; must equal the run's model.train_sampling.temperature "
+                        "(default 0.5: experiments/skewed.yaml's; the paper samples at 1.0)")
+    p.add_argument("--plot", default=None, help="also draw the histogram of right answers to this PNG")
+    p.add_argument("--plot_tables", nargs="+", default=None, metavar="TABLE",
+                   help="measure nothing: draw these success.json files ('embedded' = the shipped one) side by side "
+                        "to --plot")
     a = p.parse_args(argv)
+    if a.plot_tables is not None:
+        if a.plot is None:
+            p.error("--plot_tables needs --plot")
+        named = {"shipped success.json" if t == EMBEDDED else Path(t).name: table_for(t) for t in a.plot_tables}
+        print(f"[success_table] wrote {plot_histograms(named, a.plot)}", flush=True)
+        return Path(a.plot)
     if a.out is None and a.policy != EMBEDDED:
         p.error("--out is required unless --policy embedded")
     out = Path(a.out) if a.out else SHIPPED_DIR / TABLE_NAME
@@ -139,9 +187,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
                     max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                     progress=lambda m: print(f"[success_table] {m}", flush=True))
     table.save(out)
-    hist = [0] * (table.samples + 1)
-    for k in table.successes.values():
-        hist[k] += 1
+    hist = histogram(table)
+    if a.plot is not None:
+        plot_histograms({str(a.policy): table}, a.plot)
     print(f"[success_table] {len(table.successes)} questions -> {out}; right answers out of {table.samples}: "
           + " ".join(f"{k}:{n}" for k, n in enumerate(hist)), flush=True)
     return out

@@ -188,3 +188,19 @@ def test_fit_on_the_skewed_world_at_another_temperature_stops_before_training(tm
                  str(REPO / "experiments/skewed.yaml"), "--model.init_args.train_sampling.temperature", "1.0",
                  "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_steps", "1"])
     assert not list((tmp_path / "runs").rglob("metrics.csv"))
+
+
+def test_success_histograms_by_hand_and_the_plot_command(tmp_path: Path) -> None:
+    """The histogram of right answers (counted by hand) and the comparison plot the docs show, drawn from files
+    without measuring anything."""
+    from diva_lightning import success_table as st_mod
+
+    pool = generate_world(5, seed=0, split="train")
+    t1 = _table(pool, [0, 0, 3, 4, 4], samples=4)
+    t1.settings["temperature"] = 1.0
+    assert st_mod.histogram(t1) == [2, 0, 0, 1, 2]
+    t1.save(tmp_path / "t1.json")
+    out = st_mod.main(["--plot_tables", str(tmp_path / "t1.json"), "embedded", "--plot", str(tmp_path / "h.png")])
+    assert out == tmp_path / "h.png" and out.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        st_mod.main(["--plot_tables", "embedded"])  # nowhere to draw: a usage error, nothing measured
