@@ -459,7 +459,7 @@ def skew_main(args: argparse.Namespace) -> dict[str, Path]:
     table = table_for(args.table)
     skew = SkewConfig()
     pool = generate_world(table.pools["val"], seed=table.world_seed, split="val")  # held out from training
-    table_t = float(table.settings.get("temperature", 1.0))
+    table_t = table.temperature
     temperature = table_t if args.temperature is None else args.temperature
     if temperature != table_t:
         print(f"note: sampling at temperature {temperature:g}, but the table was measured at {table_t:g}", flush=True)

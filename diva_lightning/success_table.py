@@ -97,9 +97,8 @@ def check_temperature(table: SuccessTable, temperature: float, where: str) -> Su
 
     A question's success rate depends on the sampling temperature (at 1.0 the embedded policy's rates hardly leave
     [0.1, 0.9]; at 0.5 they reach both ends), so shares chosen at one temperature are not hard or easy at another.
-    Tables written before the setting was recorded were measured at 1.0.
     """
-    measured = float(table.settings.get("temperature", 1.0))
+    measured = table.temperature
     if abs(measured - temperature) > 1e-9:
         raise ValueError(f"{where}: the success table was measured at temperature {measured:g}, but the rollouts "
                          f"sample at {temperature:g}: set model.init_args.train_sampling.temperature: {measured:g}, or "
@@ -137,7 +136,7 @@ def plot_histograms(tables: Mapping[str, SuccessTable], path: str | Path) -> Pat
         hist = histogram(table)
         total = sum(hist)
         ax.bar([k - 0.4 + width * (i + 0.5) for k in range(len(hist))], [n / total for n in hist], width,
-               label=f"{name} (T = {float(table.settings.get('temperature', 1.0)):g}, {total} questions)")
+               label=f"{name} (T = {table.temperature:g}, {total} questions)")
     samples = max(t.samples for t in tables.values())
     ax.axvline(1.5, ls=":", c="gray")
     ax.axvline(samples - 1.5, ls=":", c="gray")

@@ -76,6 +76,11 @@ class SuccessTable:
     settings: dict[str, Any] = field(default_factory=dict)
     """How it was measured (temperature, top_p, max_new_tokens, prompt, engine)."""
 
+    @property
+    def temperature(self) -> float:
+        """The sampling temperature it was measured at (tables written before it was recorded: 1.0)."""
+        return float(self.settings.get("temperature", 1.0))
+
     def rate(self, question_id: str) -> float:
         return self.successes[question_id] / self.samples
 
