@@ -392,7 +392,10 @@ def replication_tables(runs: list[RunData], out_dir: Path, protocol: Protocol | 
              f"value over the window of {x_name} shown (area under the seed's curve, linear between validations, "
              "divided by the window). *To target*: the " + x_name + " until the seed's curve, smoothed by a "
              f"centred moving average of {protocol.window} validations, first reaches the target; the row's "
-             "median (a seed that never reaches it counts as infinite) and how many seeds reached it.", ""]
+             "median (a seed that never reaches it counts as infinite) and how many seeds reached it."
+             + (" Curves of runs without a before-training validation start at the base policy's score given to "
+                "the report (" + ", ".join(f"{k} {v:g}" for k, v in protocol.base.items()) + ")."
+                if protocol.base else ""), ""]
     by_key: dict[str, dict[str, list[SeedResult]]] = {}
     for res in results:
         by_key.setdefault(res.key, {}).setdefault(res.row, []).append(res)
@@ -400,7 +403,7 @@ def replication_tables(runs: list[RunData], out_dir: Path, protocol: Protocol | 
     for key, rows in by_key.items():
         target = protocol.targets.get(key)
         start, budget = windows[key]
-        head = f"### {key}" + (f" (target {target:.2f}, fixed before the run)" if target is not None else "")
+        head = f"### {key}" + (f" (fixed target {target:.2f})" if target is not None else "")
         lines += [head, "", f"| method | seeds | final | worst | collapsed | best | AUC {start:,.0f}-{budget:,.0f} "
                   f"{x_name} | {x_name} to target | reached |", "|---|---|---|---|---|---|---|---|---|"]
         for row, rr in rows.items():
