@@ -527,7 +527,8 @@ def write_seed_plots(runs: list[RunData], out_dir: Path, protocol: Protocol | No
         for ax in list(axes.flat)[len(curves):]:
             ax.axis("off")
         axes[0][0].legend(fontsize=6, loc="lower right")
-        fig.supxlabel("rollouts generated", fontsize=9)
+        fig.supxlabel("rollouts generated" if all(series(r.metrics, "rollouts/generated") for r in runs)
+                      else "optimizer steps (rollouts/generated not logged)", fontsize=9)
         fig.supylabel(key, fontsize=9)
         fig.suptitle(f"{key}: every seed, the mean and its interval", fontsize=10)
         fig.tight_layout()
