@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,22 +59,14 @@ class Interval:
         return (self.low > 0 or self.high < 0) and not math.isnan(self.low)
 
 
-def _median(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.median(values, axis=axis)
-
-
-def _mean(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(values, axis=axis)
-
-
-STATISTICS: dict[str, Callable[..., np.ndarray]] = {"mean": _mean, "median": _median}
+STATISTICS: dict[str, Callable[..., Any]] = {"mean": np.mean, "median": np.median}  # called with axis=1 on [B, n]
 
 
 def _resampled(values: Sequence[float], statistic: str, resamples: int, rng: np.random.Generator) -> np.ndarray:
     """The statistic of ``resamples`` with-replacement resamples of the (sorted) values: shape [resamples]."""
     data = np.sort(np.asarray(values, dtype=float))  # [n]; sorted: the result depends on the multiset only
     index = rng.integers(0, len(data), size=(resamples, len(data)))  # [resamples, n]
-    return STATISTICS[statistic](data[index], axis=1)
+    return np.asarray(STATISTICS[statistic](data[index], axis=1), dtype=float)
 
 
 def _check(values: Sequence[float], resamples: int, level: float) -> None:
