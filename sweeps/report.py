@@ -507,6 +507,7 @@ def write_seed_plots(runs: list[RunData], out_dir: Path, protocol: Protocol | No
         curves = {row: cs for row, cs in curves.items() if cs}
         if not curves:
             continue
+        budget = min(c[-1][0] for cs in curves.values() for c in cs)  # the AUC's budget (per_seed_results)
         cols = min(4, len(curves))
         nrows = math.ceil(len(curves) / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), sharey=True, squeeze=False)
@@ -521,6 +522,7 @@ def write_seed_plots(runs: list[RunData], out_dir: Path, protocol: Protocol | No
                 ax.fill_between(xs, [i.low for i in cis], [i.high for i in cis], alpha=0.25, color="tab:blue",
                                 label=f"{protocol.level:.0%} bootstrap interval")
             ax.axhline(target, ls="--", lw=1, color="tab:red", label=f"target {target:.2f}")
+            ax.axvline(budget, ls=":", lw=1, color="black", label=f"AUC budget {budget:,.0f}")
             ax.set_title(row, fontsize=9)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
