@@ -159,6 +159,7 @@ def test_every_shipped_yaml_is_covered() -> None:
                                                "experiments/share_grpo.yaml", "experiments/mm_eureka.yaml")}
     # the skewed world: tests/data/test_skew.py (composition from the shipped table), tests/models/test_embedded.py
     covered.add((REPO / "experiments/skewed.yaml").resolve())
+    covered.add((REPO / "experiments/skewed_replicate.yaml").resolve())  # tests/test_skewed_replicate.py
     assert shipped == covered, f"untested configs: {sorted(map(str, shipped - covered))}"
 
 
