@@ -1,12 +1,13 @@
 """`ValidateAfterTraining`: one more validation pass after the last training step, unless that step just validated.
 
 The authors validate once more when training ends, unless the last step just validated
-(``verl/trainer/ray_trainer.py:1027-1035`` in Siaaaaaa1/DIVA_GRPO_release). Lightning validates only every `val_check_interval` training batches (with
-`check_val_every_n_epoch: null`), so a run whose last step is not a multiple of it ends without scoring its final
-policy. This callback runs the fit loop's own validation loop from `on_train_end`, as `ValidateBeforeTraining` does
-from `on_train_start` (same loop, same two state changes around it), so it logs through the system's usual
-`self.log` calls at the final step. Its validation also logs `val/after_training` = 1. It is skipped when the last
-step already validated, when validation is off (`limit_val_batches: 0`) and when no step was taken.
+(``verl/trainer/ray_trainer.py:1027-1035`` in Siaaaaaa1/DIVA_GRPO_release). Lightning validates only every
+`val_check_interval` training batches (with `check_val_every_n_epoch: null`), so a run whose last step is not a
+multiple of it ends without scoring its final policy. This callback runs the fit loop's own validation loop from
+`on_train_end`, as `ValidateBeforeTraining` does from `on_train_start` (same loop, same two state changes around it),
+so it logs through the system's usual `self.log` calls at the final step. Its validation also logs
+`val/after_training` = 1. It is skipped when the last step already validated, when validation is off
+(`limit_val_batches: 0`) and when no step was taken.
 """
 
 from __future__ import annotations
