@@ -294,3 +294,35 @@ def test_grpo_released_is_the_released_scripts_batching() -> None:
     assert _budget(paper, dp=8) == 5120 == 8 * _budget(_resolved(FULL, *SCALE), dp=8)
     # the equal-budget baseline stays grpo.yaml: 80 responses per step like full.yaml
     assert _budget(_resolved(FULL, GRPO)) == _budget(_resolved(FULL)) == 80
+
+
+def test_released_code_trains_on_the_embedded_default(tiny_policy_dir: str, tmp_path: Path) -> None:
+    """Two real steps of full.yaml + released_code.yaml: the released plan is realised (D = 5: an extra copy, a
+    paraphrase, noise or rotation), graded by the released reward, and the binned rule moves D by the family's
+    mean reward."""
+    from tests.test_module import _recorder
+
+    args = ["fit", *_args(FULL, RELEASED), "--model.init_args.policy", tiny_policy_dir, "--build_base_policy", "false",
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.callbacks+=tests.helpers.recorder.Recorder", "--data.init_args.questions_per_step", "4",
+            "--data.init_args.world.train_size", "24", "--data.init_args.world.val_size", "8",
+            "--data.init_args.world.test_size", "8", "--model.init_args.num_generations", "2",
+            "--model.init_args.train_sampling.max_new_tokens", "10"]
+    cli = run_cli(args)
+    rec = _recorder(cli.trainer)
+    first = rec.outputs[0]
+    # 4 families of an original and one variant; step +1 at D = 5 gives kinds original (0: the two copy entries and
+    # a paraphrase entry that kept the text, counted as originals), paraphrase (1) and image (2, noise or rotation)
+    assert len(first["prompt_ids"].unique()) == 8 and set(first["kind"].tolist()) <= {0, 1, 2}
+    assert 2 in first["kind"].tolist()
+    # the binned rule on the family's mean combined reward (0.9 accuracy + 0.1 format), from D = 5
+    seen: dict[str, float] = {}
+    for out in rec.outputs:
+        for fam in out["family_ids"].unique().tolist():
+            sel = out["family_ids"] == fam
+            qid = out["question_ids"][int(sel.nonzero()[0])]
+            mean = out["rewards"][sel].to(torch.float64).mean().reshape(1)
+            old = torch.tensor([seen.get(qid, 5.0)], dtype=torch.float64)
+            seen[qid] = float(update_difficulty(old, mean, rule="binned")[0])
+    assert rec.tables[-1] == pytest.approx(seen)
