@@ -511,6 +511,7 @@ class DivaGRPOModule(pl.LightningModule):
         hooks = _Hooks(self, inputs, roll)
         stats.update(self.update.run(batch, hooks, generator=g))
         stats["grad_norm"] = sum(hooks.grad_norms) / len(hooks.grad_norms)  # before clipping
+        stats["skipped_steps"] = float(sum(not math.isfinite(x) for x in hooks.grad_norms))  # non-finite norm
         return stats
 
     def _global_token_count(self, mask: Tensor) -> float:
@@ -533,6 +534,10 @@ class DivaGRPOModule(pl.LightningModule):
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         norm = norm.full_tensor() if isinstance(norm, sharding.DTensor) else norm
+        if not torch.isfinite(norm):
+            # skip the update, as the authors' dp_actor.py:163 (logged as skipped_steps): without gradients AdamW
+            # leaves every parameter and its state as they are, and the step still counts for global_step
+            opt.zero_grad(set_to_none=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if not self.engine.samples_from_module:

@@ -156,7 +156,10 @@ def test_every_shipped_yaml_is_covered() -> None:
     # the paper's recipe, its difficulty option and the seed's baselines: tests/test_paper_recipe.py
     covered |= {(REPO / p).resolve() for p in ("experiments/paper/diva_qwen2_5_vl_7b.yaml",
                                                "experiments/paper/official_difficulty.yaml",
-                                               "experiments/share_grpo.yaml", "experiments/mm_eureka.yaml")}
+                                               "experiments/share_grpo.yaml", "experiments/mm_eureka.yaml",
+                                               "experiments/paper/released_code.yaml",
+                                               "experiments/paper/paper_formulas.yaml",
+                                               "experiments/grpo_released.yaml")}
     # the skewed world: tests/data/test_skew.py (composition from the shipped table), tests/models/test_embedded.py
     covered.add((REPO / "experiments/skewed.yaml").resolve())
     covered.add((REPO / "experiments/skewed_replicate.yaml").resolve())  # tests/test_skewed_replicate.py

@@ -1,9 +1,13 @@
-"""The paper's recipe and the seed's baselines, resolved through the real CLI.
+"""The paper's recipes and the seed's baselines, resolved through the real CLI.
 
-- The 7B recipe (`experiments/paper/diva_qwen2_5_vl_7b.yaml` on full.yaml + fsdp.yaml) holds each of the authors'
-  values, wherever it gets them from (many come from full.yaml): a later change of a default cannot silently change
-  the recipe. Its Trainer is built on this CPU machine by overriding only `--trainer.accelerator cpu`; the 8
-  "devices", the ModelParallelStrategy and bf16-mixed are constructed as configured (nothing is launched).
+- The 7B scale recipe (`experiments/paper/diva_qwen2_5_vl_7b.yaml` on full.yaml + fsdp.yaml) holds each of the
+  authors' values, wherever it gets them from (many come from full.yaml): a later change of a default cannot
+  silently change the recipe. Its Trainer is built on this CPU machine by overriding only
+  `--trainer.accelerator cpu`; the 8 "devices", the ModelParallelStrategy and bf16-mixed are constructed as
+  configured (nothing is launched).
+- The two algorithm recipes stacked under it, `released_code.yaml` (the authors' released code) and
+  `paper_formulas.yaml` (the paper's text), hold every value their comments cite (file:line or paper part), and
+  `grpo_released.yaml` holds the released GRPO script's batching (8x the rollouts of the other rows).
 - Each baseline overlay changes exactly the components it names, at an equal rollout budget; every sweep row stacks
   under the recipe unchanged (the recipe sets no key a row sets).
 """
@@ -18,11 +22,13 @@ import pytest
 import torch
 import yaml
 
-from diva_lightning.algorithms import DivaAdvantage
-from diva_lightning.callbacks import DifficultyCallback, ValidateBeforeTraining
+from diva_lightning.algorithms import DivaAdvantage, GRPOAdvantage
+from diva_lightning.callbacks import DifficultyCallback, ValidateAfterTraining, ValidateBeforeTraining
 from diva_lightning.cli import run_cli
+from diva_lightning.core.difficulty import update_difficulty
 from diva_lightning.models.prompt import R1_INSTRUCTION
 from diva_lightning.rewards import CombinedReward
+from diva_lightning.rewards.released import ReleasedReward
 from sweeps._common import ROWS
 from tests.test_configs import _flat
 
@@ -30,6 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 FULL, FSDP, GRPO = "experiments/full.yaml", "experiments/fsdp.yaml", "experiments/grpo.yaml"
 RECIPE = "experiments/paper/diva_qwen2_5_vl_7b.yaml"
 OFFICIAL = "experiments/paper/official_difficulty.yaml"
+RELEASED = "experiments/paper/released_code.yaml"
+PAPER = "experiments/paper/paper_formulas.yaml"
+GRPO_RELEASED = "experiments/grpo_released.yaml"
 SHARE, EUREKA = "experiments/share_grpo.yaml", "experiments/mm_eureka.yaml"
 SCALE = (FSDP, RECIPE)  # stacked after a row's overlays, as `sweeps/ablate.py --config` does
 BENCHMARKS = ("mathvista", "mathverse", "mathvision", "olympiadbench", "wemath", "mmk12")
@@ -126,6 +135,8 @@ def test_recipe_holds_the_authors_values(recipe: Any) -> None:
     # validation on MMK12 test every 10 steps and before training; 5 epochs
     assert trainer.val_check_interval == 10 and trainer.check_val_every_n_epoch is None
     assert sum(isinstance(c, ValidateBeforeTraining) and c.enabled for c in trainer.callbacks) == 1
+    # ... and once more after the last step unless it just validated (ray_trainer.py:1027-1035)
+    assert sum(isinstance(c, ValidateAfterTraining) and c.enabled for c in trainer.callbacks) == 1
     assert trainer.num_sanity_val_steps == 0 and trainer.max_epochs == 5 and trainer.max_steps == -1
     assert {n: (s.path, s.benchmark) for n, s in data.val_sources.items()} == {
         "mmk12": ("data/benchmarks/MMK12/test.parquet", "mmk12")}
@@ -137,7 +148,7 @@ def test_recipe_holds_the_authors_values(recipe: Any) -> None:
     assert model.engine.max_model_len == 2048 + 4096
 
 
-@pytest.mark.parametrize("path", [RECIPE, OFFICIAL, SHARE, EUREKA])
+@pytest.mark.parametrize("path", [RECIPE, OFFICIAL, SHARE, EUREKA, RELEASED, PAPER, GRPO_RELEASED])
 def test_every_key_is_commented(path: str) -> None:
     for number, line in enumerate((REPO / path).read_text().splitlines(), 1):
         stripped = line.strip()
@@ -157,6 +168,8 @@ BASELINES = {
     EUREKA: ((FULL, GRPO), {"model.init_args.policy_config.freeze_vision_tower", "model.init_args.loss.clip_high",
                             "model.init_args.loss.agg", "model.init_args.dynamic_sampling"}),
     OFFICIAL: ((FULL,), {"data.init_args.plan", "trainer.callbacks"}),
+    RELEASED: ((FULL,), {"data.init_args.plan", "trainer.callbacks", "model.init_args.advantage.init_args.rrb",
+                         "model.init_args.reward"}),
 }
 
 
@@ -201,12 +214,115 @@ def test_official_difficulty_changes_only_the_rule_and_statistic_of_the_difficul
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", [*sorted(ROWS), "official_difficulty"])
+@pytest.mark.parametrize("row", [*sorted(ROWS), "official_difficulty", "released_code", "paper_formulas"])
 def test_every_row_stacks_under_the_recipe_unchanged(row: str) -> None:
     """A row changes the same keys under the 7B recipe as on the embedded default (the recipe undoes none of
-    them), at the recipe's 640 responses per step (dynamic sampling rows keep 640; they generate more)."""
-    overlays = (OFFICIAL,) if row == "official_difficulty" else ROWS[row]
+    them), at the recipe's 640 responses per step (dynamic sampling rows keep 640; they generate more), except the
+    released GRPO baseline's 5,120."""
+    named = {"official_difficulty": (OFFICIAL,), "released_code": (RELEASED,), "paper_formulas": (PAPER,)}
+    overlays = named[row] if row in named else ROWS[row]
     embedded = _changed(_resolved(FULL), _resolved(FULL, *overlays))
     paper = _changed(_resolved(FULL, *SCALE), _resolved(FULL, *overlays, *SCALE))
     assert paper == embedded
-    assert _budget(_resolved(FULL, *overlays, *SCALE), dp=8) == 640
+    assert _budget(_resolved(FULL, *overlays, *SCALE), dp=8) == (5120 if row == "grpo_released" else 640)
+
+
+def _built(*configs: str, root: Path) -> Any:
+    return run_cli(_args(*configs) + ["--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir",
+                                      str(root)], run=False)
+
+
+def _difficulty(trainer: Any) -> DifficultyCallback:
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, DifficultyCallback)]
+    return callback
+
+
+def test_released_code_recipe_holds_the_released_values(tmp_path: Path) -> None:
+    cli = _built(FULL, RELEASED, *SCALE, root=tmp_path)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    adv = model.advantage
+    # weight_mode ZSCORENORM_WAN_RRBLOCAL_RRBGLOBAL (script:59), k 0.1 (script:62), A = local + global (ray_trainer:845)
+    assert isinstance(adv, DivaAdvantage) and (adv.k, adv.batch_norm, adv.difficulty_weighting) == (0.1, True, True)
+    assert adv.weight_terms == "global" and (adv.local_weight, adv.global_weight) == (1.0, 1.0)
+    # RRB: groups whose rewards are all below 0.15 are scaled by 0.1 (diva_utils.py:145-146, ray_trainer.py:829-843)
+    assert (adv.rrb, adv.rrb_threshold, adv.rrb_factor) == ("threshold", 0.15, 0.1)
+    # binned difficulty on the family's mean combined reward, clipped to [1, 9], every step, from 5
+    difficulty = _difficulty(trainer)
+    assert (difficulty.table.rule, difficulty.statistic) == ("binned", "reward")
+    assert (difficulty.table.d_min, difficulty.table.d_max, difficulty.table.initial) == (1.0, 9.0, 5.0)
+    # the script's bins [0,.05] [.05,.3] [.3,.5] [.5,.7] [.7,1] -> +2 +1 0 -1 -2, first match (script:60-61)
+    scores = torch.tensor([0.0, 0.05, 0.1, 0.3, 0.31, 0.5, 0.7, 0.71, 1.0], dtype=torch.float64)
+    moved = update_difficulty(torch.full_like(scores, 5.0), scores, rule="binned") - 5.0
+    assert moved.tolist() == [2.0, 2.0, 1.0, 1.0, 0.0, 0.0, -1.0, -2.0, -2.0]
+    # the released variant plan (gen_new_item.py:378-414) and reward (math.py:21-49), V = 1, n = 5
+    assert data.plan == "released" and data.num_variants == 1 and model.num_generations == 5
+    assert type(model.reward) is ReleasedReward
+    assert (model.reward.acc_weight, model.reward.format_weight) == (0.9, 0.1)
+    # the scale recipe is unchanged by it: 640 responses per step, one update
+    assert _budget(_resolved(FULL, RELEASED, *SCALE), dp=8) == 640 and model.update.mini_batch_size is None
+
+
+def test_paper_formulas_recipe_holds_the_papers_values_and_pins_full_yaml(tmp_path: Path) -> None:
+    cli = _built(FULL, PAPER, *SCALE, root=tmp_path)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    adv = model.advantage
+    # RRB range (max - min) / R_max with R_max 1; local + global, batch z-score, difficulty weighting k 0.1
+    assert isinstance(adv, DivaAdvantage) and (adv.rrb, adv.r_max) == ("range", 1.0)
+    assert (adv.k, adv.batch_norm, adv.difficulty_weighting, adv.weight_terms) == (0.1, True, True, "global")
+    # D_new = clip(D + 4 (0.5 - accuracy)) in [1, 9] from 5
+    difficulty = _difficulty(trainer)
+    assert (difficulty.table.rule, difficulty.table.eta, difficulty.statistic) == ("linear", 4.0, "accuracy")
+    assert (difficulty.table.d_min, difficulty.table.d_max, difficulty.table.initial) == (1.0, 9.0, 5.0)
+    # three tiers around D_mid 5, one variant, n = 5; math-verify reward 0.9 / 0.1
+    assert (data.plan, data.plan_settings.d_mid, data.plan_settings.band, data.num_variants) == ("tiers", 5.0, 0.5, 1)
+    assert model.num_generations == 5
+    assert type(model.reward) is CombinedReward and (model.reward.acc_weight, model.reward.format_weight) == (0.9, 0.1)
+    # every value equals full.yaml's: the overlay changes nothing but the run name
+    assert _changed(_resolved(FULL), _resolved(FULL, PAPER)) == set()
+
+
+def test_grpo_released_is_the_released_scripts_batching() -> None:
+    # 584a379 GRPO_n=10.sh: n 10 (:88), 512 prompts (:86), 128 prompts per update (:87), shuffled (:92)
+    embedded, paper = _resolved(FULL, GRPO_RELEASED), _resolved(FULL, GRPO_RELEASED, *SCALE)
+    for cfg in (embedded, paper):
+        assert cfg["model.init_args.num_generations"] == 10 and cfg["data.init_args.num_variants"] == 0
+        assert cfg["data.init_args.questions_per_step"] == 64  # per process: 512 prompts over the recipe's 8
+        per_process = _budget(cfg)
+        assert per_process // cfg["model.init_args.mini_batch_size"] == 4 and cfg["model.init_args.ppo_epochs"] == 1
+        assert cfg["model.init_args.advantage.class_path"] == f"{GRPOAdvantage.__module__}.GRPOAdvantage"
+        assert not any("DifficultyCallback" in c["class_path"] for c in cfg["trainer.callbacks"])
+    assert _budget(paper, dp=8) == 5120 == 8 * _budget(_resolved(FULL, *SCALE), dp=8)
+    # the equal-budget baseline stays grpo.yaml: 80 responses per step like full.yaml
+    assert _budget(_resolved(FULL, GRPO)) == _budget(_resolved(FULL)) == 80
+
+
+def test_released_code_trains_on_the_embedded_default(tiny_policy_dir: str, tmp_path: Path) -> None:
+    """Two real steps of full.yaml + released_code.yaml: the released plan is realised (D = 5: an extra copy, a
+    paraphrase, noise or rotation), graded by the released reward, and the binned rule moves D by the family's
+    mean reward."""
+    from tests.test_module import _recorder
+
+    args = ["fit", *_args(FULL, RELEASED), "--model.init_args.policy", tiny_policy_dir, "--build_base_policy", "false",
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.callbacks+=tests.helpers.recorder.Recorder", "--data.init_args.questions_per_step", "4",
+            "--data.init_args.world.train_size", "24", "--data.init_args.world.val_size", "8",
+            "--data.init_args.world.test_size", "8", "--model.init_args.num_generations", "2",
+            "--model.init_args.train_sampling.max_new_tokens", "10"]
+    cli = run_cli(args)
+    rec = _recorder(cli.trainer)
+    first = rec.outputs[0]
+    # 4 families of an original and one variant; step +1 at D = 5 gives kinds original (0: the two copy entries and
+    # a paraphrase entry that kept the text, counted as originals), paraphrase (1) and image (2, noise or rotation)
+    assert len(first["prompt_ids"].unique()) == 8 and set(first["kind"].tolist()) <= {0, 1, 2}
+    assert 2 in first["kind"].tolist()
+    # the binned rule on the family's mean combined reward (0.9 accuracy + 0.1 format), from D = 5
+    seen: dict[str, float] = {}
+    for out in rec.outputs:
+        for fam in out["family_ids"].unique().tolist():
+            sel = out["family_ids"] == fam
+            qid = out["question_ids"][int(sel.nonzero()[0])]
+            mean = out["rewards"][sel].to(torch.float64).mean().reshape(1)
+            old = torch.tensor([seen.get(qid, 5.0)], dtype=torch.float64)
+            seen[qid] = float(update_difficulty(old, mean, rule="binned")[0])
+    assert rec.tables[-1] == pytest.approx(seen)

@@ -28,6 +28,8 @@ from a step of 4 on); equal -> paraphrase (delta 0); below -> hint with the offi
 the step (<= -7: ``max_hint_steps``, <= -5: 3, <= -3: 2, else 1), ``delta = target - D``. Only the
 first hint of a family is kept; later ones are redrawn as a step in {0, 1, 2, 3} (as the official code).
 
+``plan="released"``: the authors' released ``gen_new_item.py`` draw for draw (``core.released_plan``).
+
 ``plan="paraphrase"`` (Share-GRPO, R1-ShareVL arXiv 2505.16673: semantically consistent rewordings of every
 question, no difficulty adaptation): every variant is a paraphrase with delta 0 whatever the tier, distinct
 paraphrase indices while they last (exactly what ``plan="tiers"`` gives a medium question). The tier is still
@@ -54,10 +56,12 @@ from diva_lightning.core._checks import check_choice
 
 Tier = Literal["easy", "medium", "hard"]
 TIERS: tuple[str, ...] = ("easy", "medium", "hard")
-VariantKind = Literal["paraphrase", "image", "hint"]
-KINDS: tuple[str, ...] = ("paraphrase", "image", "hint")
+# "original" (an extra copy of the question) and "only_vision" (text drawn into the image) occur only in
+# plan="released" (core.released_plan).
+VariantKind = Literal["paraphrase", "image", "hint", "original", "only_vision"]
+KINDS: tuple[str, ...] = ("paraphrase", "image", "hint", "original", "only_vision")
 IMAGE_OPS: tuple[str, ...] = ("rotate", "noise", "blur", "downup", "salt_pepper")
-PLANS: tuple[str, ...] = ("tiers", "official", "paraphrase")
+PLANS: tuple[str, ...] = ("tiers", "official", "paraphrase", "released")
 
 # Official tables (authors' gen_new_item.py), keyed by integer difficulty 1..9.
 OFFICIAL_V1_TARGET: dict[int, int] = {1: 9, 2: 8, 3: 7, 4: 6, 5: 6, 6: 5, 7: 5, 8: 5, 9: 4}
@@ -333,6 +337,11 @@ def plan_variants(
     para = _Paraphrases(num_paraphrases, generator)
     if plan == "paraphrase":
         return _paraphrases(tier, num_variants, para)
+    if plan == "released":  # imported here: released_plan builds on this module's tables and VariantSpec
+        from diva_lightning.core.released_plan import plan_released
+
+        return plan_released(difficulty, num_variants, tier, generator=generator, num_paraphrases=num_paraphrases,
+                             allowed_ops=ops, max_hint_steps=max_hint_steps)
     if plan == "official":
         return _plan_official(difficulty, num_variants, tier, max_hint_steps, para, generator, ops)
     return _plan_tiers(

@@ -195,8 +195,9 @@ class DivaDataModule(pl.LightningDataModule):
         world: sizes and seed of the embedded world.
         questions_per_step: B, questions per optimizer round on each rank.
         num_variants: V, variants per question (0 gives a plain GRPO data stream).
-        plan: "tiers" (paper's three-tier plan), "official" (the authors' target tables) or "paraphrase"
-            (a paraphrase for every question whatever its difficulty: Share-GRPO).
+        plan: "tiers" (paper's three-tier plan), "official" (the authors' target tables), "released" (the
+            authors' gen_new_item.py draw for draw: core.released_plan) or "paraphrase" (a paraphrase for every
+            question whatever its difficulty: Share-GRPO).
         band: half-width of the medium tier around d_mid.
         d_mid / d_min / d_max: the difficulty scale (design.md section 3).
         intensity_range: (low, high) image-perturbation intensity of easy questions' variants (``plan: tiers``).

@@ -107,7 +107,11 @@ def render_variant(record: QuestionRecord, spec: VariantSpecLike) -> VariantText
         if "rotate" in spec.image_ops and float(spec.rotation_deg) % 360.0 != 0.0:
             return VariantText(f"{base.prompt} {rotation_notice(spec.rotation_deg)}", base.fallback)
         return base
-    raise ValueError(f"unknown variant kind {spec.kind!r} (expected paraphrase, image or hint)")
+    if spec.kind == "original":  # plan="released": an extra copy of the question
+        return VariantText(record.problem)
+    if spec.kind == "only_vision":  # plan="released"; drawing the text into the image is not implemented
+        return VariantText(record.problem, fallback="drawing the problem into the image is not implemented")
+    raise ValueError(f"unknown variant kind {spec.kind!r} (expected paraphrase, image, hint, original or only_vision)")
 
 
 def variant_prompt(record: QuestionRecord, spec: VariantSpecLike) -> str:

@@ -9,13 +9,15 @@ The training system takes any :class:`Reward`: an object called as
 with ``len(responses) == len(answers) == N`` (one entry per sampled response, the answer repeated for the G
 responses of a prompt). The trainer may pass extra keyword arguments (``prompts``, ``question_ids``, ...).
 The breakdown holds N finite rewards, the N accuracies in [0, 1] that the difficulty update needs (design.md
-2.6) and an optional format term. Two implementations ship:
+2.6) and an optional format term. Three implementations ship:
 
 - :class:`CombinedReward` (default): ``acc_weight * accuracy + format_weight * format``; its per-sample parts
   ``accuracy_fn(response, answer) -> float`` and ``format_fn`` may be import paths to your functions.
 - :class:`~diva_lightning.rewards.function.FunctionReward`: any function by import path, batched
   ``fn(responses, answers, **kwargs) -> list | Tensor | ndarray | RewardBreakdown | dict`` or per sample
   ``fn(response, answer) -> float``; its return is checked (length, numbers, finite) with messages naming it.
+- :class:`~diva_lightning.rewards.released.ReleasedReward`: the authors' released reward (mathruler grading, their
+  looser format regex; ``class_path: diva_lightning.rewards.released.ReleasedReward``), for the released recipe.
 
 From YAML / the command line::
 
