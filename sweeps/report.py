@@ -340,7 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     storage = open_storage(a.storage) if a.storage.startswith("journal:") else a.storage
     study = optuna.load_study(study_name=a.study, storage=storage)
-    print(f"[report] wrote {write_report(runs_from_study(study), a.out)}")
+    path = write_report(runs_from_study(study), a.out)
+    from sweeps.missing import add_to_report  # the cells without a result, named at the top
+
+    add_to_report(path, study)
+    print(f"[report] wrote {path}")
 
 
 if __name__ == "__main__":
