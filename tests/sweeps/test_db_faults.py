@@ -10,9 +10,7 @@ reports differ) that writes a fixed metrics.csv per cell, as a fit's CSVLogger w
 from __future__ import annotations
 
 import collections
-import csv
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -22,8 +20,8 @@ from optuna.trial import TrialState
 from sweeps._common import Cell, TrialSettings
 from sweeps.ablate import SweepOptions, run_sweep, work
 from sweeps.study import Liveness, StorageUnavailable, cell_of, open_storage
-from sweeps.trial import CellResult
 from tests.sweeps.conftest import PostgresServer
+from tests.sweeps.runners import CsvRunner
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -31,31 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.excep
               pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")]
 
 CELLS = [Cell("full", 0), Cell("full", 1), Cell("grpo", 0), Cell("grpo", 1)]
-
-
-class CsvRunner:
-    """Writes a fixed metrics.csv for each cell (two validations and two training rows) after `fault(cell)`, which
-    runs while the cell's heartbeats write; records each call."""
-
-    def __init__(self, fault: Callable[[Cell], None] = lambda cell: None) -> None:
-        self.calls: list[Cell] = []
-        self.fault = fault
-
-    def __call__(self, cell: Cell, settings: TrialSettings, out: Path, number: int) -> CellResult:
-        self.calls.append(cell)
-        self.fault(cell)
-        run = out / "runs" / cell.row / f"seed{cell.seed}-t{number}"
-        run.mkdir(parents=True, exist_ok=True)
-        acc = 0.3 + 0.1 * cell.seed + (0.2 if cell.row == "full" else 0.0)
-        with open(run / "metrics.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "reward", "frac_reward_zero_std", "val/accuracy", "val/elapsed_s"])
-            w.writerow([0, acc / 2, 0.5, "", ""])
-            w.writerow([1, acc, 0.25, "", ""])
-            w.writerow([0, "", "", acc - 0.1, 10.0 + cell.seed])
-            w.writerow([1, "", "", acc, 20.0 + cell.seed])
-        return CellResult(ok=True, final_accuracy=acc, best_accuracy=acc, steps=2, wall_s=0.1, run_dir=str(run),
-                          metrics_path=str(run / "metrics.csv"))
 
 
 def _opts(out: Path, storage: str, **live: float) -> SweepOptions:
