@@ -109,7 +109,7 @@ def _reason(err: BaseException) -> str:
 
 def patiently(what: str, call: Callable[[], T], patience: float, *, on_retry: Callable[[], T | None] | None = None,
               say: Callable[[str], None] = lambda line: print(line, flush=True)) -> T:
-    """`call()`, retried with backoff (0.1 s doubling to 5 s) while it fails on a lost database connection, for at
+    """`call()`, retried with backoff (0.1 s doubling to 2 s) while it fails on a lost database connection, for at
     most `patience` s; then StorageUnavailable naming `what`. Says one line when it starts retrying and one when the
     database is back. `on_retry`, if given, runs before each retry and may return the result instead (a write whose
     first try committed but whose answer was lost)."""
@@ -134,7 +134,7 @@ def patiently(what: str, call: Callable[[], T], patience: float, *, on_retry: Ca
                 say(f"[ablate] database unreachable at {what} ({_reason(err)}); retrying for up to {patience:g} s")
             tries += 1
             time.sleep(min(delay, max(0.0, patience - waited)))
-            delay = min(2 * delay, 5.0)
+            delay = min(2 * delay, 2.0)
             continue
         if tries:
             say(f"[ablate] database back after {time.monotonic() - start:.1f} s ({what})")
@@ -169,7 +169,7 @@ class PatientRDBStorage(RDBStorage):
                 return True
             return None
 
-        return patiently(f"setting trial {trial_id} {state.name}",
+        return patiently(f"set_trial_state_values(trial id {trial_id}, {state.name})",
                          lambda: RDBStorage.set_trial_state_values(self, trial_id, state, values),  # type: ignore
                          self.patience, on_retry=committed_before)
 
@@ -177,10 +177,10 @@ class PatientRDBStorage(RDBStorage):
         """Optuna's heartbeat thread calls this every interval; it must not end the thread (a skipped beat only
         brings the cell nearer to its grace period, which then retries it)."""
         try:
-            patiently(f"Optuna's heartbeat of trial {trial_id}", lambda: RDBStorage.record_heartbeat(self, trial_id),
+            patiently(f"Optuna's heartbeat (trial id {trial_id})", lambda: RDBStorage.record_heartbeat(self, trial_id),
                       self.patience)
         except StorageUnavailable as err:
-            print(f"[ablate] heartbeat of trial {trial_id} skipped: {err}", flush=True)
+            print(f"[ablate] Optuna's heartbeat (trial id {trial_id}) skipped: {err}", flush=True)
 
 
 def _patient(name: str) -> Callable[..., object]:
