@@ -22,6 +22,7 @@ from sweeps.ablate import SweepOptions, run_sweep, work
 from sweeps.study import Liveness, StorageUnavailable, cell_of, open_storage
 from tests.sweeps.conftest import PostgresServer
 from tests.sweeps.runners import CsvRunner
+from tests.sweeps.test_ablate_runs import ablate, complete_cells, finish, trials
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
@@ -101,3 +102,31 @@ def test_outage_past_patience_stops_with_one_line_and_keeps_the_fit(postgres: Po
     first, retry = _trials(opts)
     assert (first.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
     assert retry.value == pytest.approx(0.5) and retry.user_attrs["kept_from_trial"] == 0
+
+
+def test_real_fits_ride_out_a_restart_and_an_outage(postgres: PostgresServer, postgres_url: str,
+                                                    tiny_policy_dir: str, tmp_path: Path) -> None:
+    """The CLI with two worker processes and real 1-step fits of the tiny policy: the server restarts while both fits
+    run and is down for 3 s a moment later. No cell fails (--max-retries 0) and table2.csv equals a clean run's."""
+    args = ["--rows", "full", "--seeds", "0", "1", "--steps", "1", "--val-every", "1", "--workers", "2",
+            "--max-retries", "0", "--heartbeat-interval", "1", "--grace-period", "30", "--poll", "0.5"]
+    proc = ablate(tmp_path / "faulty", tiny_policy_dir, "--storage", postgres_url, *args)
+    logs = tmp_path / "faulty" / "logs"
+    deadline = time.monotonic() + 180
+    while not logs.exists() or len(list(logs.iterdir())) < 2:  # both workers' fits under way
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    time.sleep(1.0)
+    postgres.restart()
+    time.sleep(1.0)
+    postgres.stop()
+    time.sleep(3.0)
+    postgres.start()
+    log = finish(proc)
+    assert "Traceback" not in log and "FAILED" not in log and "[ablate] 2/2 done" in log
+    assert "[ablate] database unreachable at" in log and "[ablate] database back after" in log  # it was noticed
+    done = trials(tmp_path, postgres_url)
+    assert all(t.state == TrialState.COMPLETE for t in done)
+    assert complete_cells(done) == collections.Counter({("full", 0): 1, ("full", 1): 1})
+    finish(ablate(tmp_path / "clean", tiny_policy_dir, *args))
+    assert (tmp_path / "faulty" / "table2.csv").read_text() == (tmp_path / "clean" / "table2.csv").read_text()
