@@ -4,8 +4,10 @@ stopped for 4 s while the heartbeats (ours and Optuna's) write. Every cell compl
 allowed: --max-retries 0), and the report equals a clean run's. An outage longer than the storage patience stops the
 worker with one line, and the finished fit is kept: the cell's retry takes it without fitting again.
 
-The cells run through a plain function (no fit: the faults are the database's, and a fit's timings would make two
-reports differ) that writes a fixed metrics.csv per cell, as a fit's CSVLogger would, and plays the fault."""
+The first two tests run their cells through a plain function (no fit: the faults are the database's, and a fit's
+timings would make two reports differ) that writes a fixed metrics.csv per cell, as a fit's CSVLogger would, and
+plays the fault. The third runs the CLI with two worker processes and real 1-step fits, and takes the server down
+while they run."""
 
 from __future__ import annotations
 
