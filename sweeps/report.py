@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--study", default="diva-ablate")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    storage = open_storage(a.storage) if a.storage.startswith("journal:") else a.storage
+    # SQLite (earlier layout) is read as is; journal and RDB through the sweep's storage (patient on a lost database)
+    storage = a.storage if a.storage.startswith("sqlite") else open_storage(a.storage)
     study = optuna.load_study(study_name=a.study, storage=storage)
     path = write_report(runs_from_study(study), a.out)
     from sweeps.missing import add_to_report  # the cells without a result, named at the top
