@@ -32,9 +32,11 @@ from optuna.storages import BaseStorage  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from sweeps._common import REPO, ROWS, TABLE2_ROWS, Cell, TrialSettings, build_grid  # noqa: E402
+from sweeps.missing import add_to_report, missing_cells  # noqa: E402
 from sweeps.report import runs_from_study, write_report  # noqa: E402
 from sweeps.study import (  # noqa: E402
     Liveness,
+    StorageUnavailable,
     SweepRefused,
     cell_of,
     cell_states,
@@ -46,7 +48,7 @@ from sweeps.study import (  # noqa: E402
     open_study,
 )
 from sweeps.tables import mean_std  # noqa: E402
-from sweeps.trial import LOCAL_LAUNCHER, CellResult, check_launcher, run_cell  # noqa: E402
+from sweeps.trial import LOCAL_LAUNCHER, CellResult, check_launcher, keep_result, kept_result, run_cell  # noqa: E402
 
 
 @dataclass
@@ -65,6 +67,7 @@ class SweepOptions:
     live: Liveness = field(default_factory=Liveness)
     poll_s: float = 5.0
     report: bool = True
+    retry_given_up: bool = False  # queue cells that used up their retries once more
 
     def __post_init__(self) -> None:
         check_launcher(self.launcher)
@@ -148,9 +151,19 @@ class Worker:
         print(f"[ablate] start {cell.name} (trial {trial.number}, pid {os.getpid()})", flush=True)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("error", None)  # a retry inherits its predecessor's user attrs
-        with heartbeat(trial, self.opts.live.heartbeat_interval):
-            result = self.runner(cell, self.opts.settings, self.opts.out, trial.number)
-        self.ran += 1
+        lost = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                if cell_of(t) == cell}
+        kept = kept_result(self.opts.out, cell, self.opts.study, lost)
+        if kept is not None:  # an earlier try finished its fit but could not write the result to the study
+            print(f"[ablate] {cell.name}: keeping the finished result of trial {kept[0]} ({kept[1].run_dir}), whose "
+                  "write to the study was lost; not fitting again", flush=True)
+            result = kept[1]
+            trial.set_user_attr("kept_from_trial", kept[0])
+        else:
+            with heartbeat(trial, self.opts.live.heartbeat_interval):
+                result = self.runner(cell, self.opts.settings, self.opts.out, trial.number)
+            self.ran += 1
+            keep_result(result, self.opts.study, trial.number)
         try:
             for key, value in result.user_attrs().items():
                 trial.set_user_attr(key, value)
@@ -178,6 +191,9 @@ class Worker:
         try:
             self.study.optimize(self.objective, n_trials=1, catch=(CellFailed,), callbacks=[self.after])
         except BaseException as err:
+            lost = _storage_unavailable(err)
+            if lost is not None:  # nothing more can be read or written; a finished fit is kept on disk (kept_result)
+                raise lost from None
             if self.discarded and isinstance(err, (UpdateFinishedTrialError, ValueError)):
                 print(f"[ablate] trial {self.current} was failed as stale while it ran (e.g. a suspended machine); "
                       "its result is discarded, a retry owns the cell", flush=True)
@@ -187,6 +203,18 @@ class Worker:
             if trial is not None and trial.state == TrialState.FAIL:
                 self.opts.live.retry()(self.study, trial)
             raise
+
+
+def _storage_unavailable(err: BaseException) -> StorageUnavailable | None:
+    """The StorageUnavailable behind `err`, if any (Optuna's optimize may raise another error while handling it)."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        if isinstance(e, StorageUnavailable):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def work(opts: SweepOptions, runner: Runner | None = None) -> int:
@@ -213,24 +241,44 @@ def work(opts: SweepOptions, runner: Runner | None = None) -> int:
         time.sleep(opts.poll_s)
 
 
-def run_sweep(opts: SweepOptions, argv: list[str] | None = None) -> Path | None:
-    """Start `opts.workers` workers on the study (this process is one of them), wait, then write the report."""
+def requeue_given_up(study: optuna.Study, retry: bool) -> list[Cell]:
+    """Cells that used up their retries: queued once more when `retry` (--retry-given-up), else named with the flag
+    that would. Returns them."""
+    given_up = [c for c, s in cell_states(study).items() if s.given_up]
+    if given_up and retry:
+        for cell in given_up:
+            study.enqueue_trial(cell.params, user_attrs=cell.params)
+        print(f"[ablate] --retry-given-up: queued {', '.join(c.name for c in given_up)} again", flush=True)
+    elif given_up:
+        print(f"[ablate] given up earlier, not retried: {', '.join(c.name for c in given_up)} (pass --retry-given-up "
+              "to try them again)", flush=True)
+    return given_up
+
+
+def run_sweep(opts: SweepOptions, argv: list[str] | None = None, runner: Runner | None = None) -> Path | None:
+    """Start `opts.workers` workers on the study (this process is one of them), wait, then write the report.
+    `runner` runs this process's cells (default: the launcher; tests may pass a plain function)."""
     study, _ = load(opts)
+    requeue_given_up(study, opts.retry_given_up)
     print(progress(study), flush=True)
     extra: list[subprocess.Popen[bytes]] = []
     if opts.workers > 1:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *(argv or []), "--workers", "1", "--no-report"]
+        own = [a for a in argv or [] if a != "--retry-given-up"]  # this process queued them already
+        cmd = [sys.executable, str(Path(__file__).resolve()), *own, "--workers", "1", "--no-report"]
         extra = [subprocess.Popen(cmd, cwd=REPO) for _ in range(opts.workers - 1)]
-    work(opts)
+    work(opts, runner)
     for p in extra:
         p.wait()
-    missing = [c.name for c, s in cell_states(study).items() if s.complete is None]
+    missing = missing_cells(study)
+    for cell, why in missing:
+        print(f"[ablate] no result: {cell.name}: {why}", flush=True)
     if missing:
-        print(f"[ablate] incomplete: {len(missing)} cells without a result ({', '.join(missing)}); see the FAILED "
-              f"lines above and the logs in {opts.out / 'logs'}", flush=True)
+        print(f"[ablate] incomplete: {len(missing)} of {len(cell_states(study))} cells without a result; job logs in "
+              f"{opts.out / 'logs'}", flush=True)
     if not opts.report:
         return None
     path = write_report(runs_from_study(study), opts.out)
+    add_to_report(path, study)
     print(f"[ablate] report: {path}", flush=True)
     return path
 
@@ -257,6 +305,11 @@ def parse_args(argv: list[str] | None = None) -> SweepOptions:
     p.add_argument("--max-retries", type=int, default=2, help="re-runs of a failed or stale cell")
     p.add_argument("--heartbeat-interval", type=int, default=30, help="seconds between a running cell's heartbeats")
     p.add_argument("--grace-period", type=int, default=120, help="seconds without heartbeat before a cell is stale")
+    p.add_argument("--storage-patience", type=float, default=300.0,
+                   help="seconds every database call retries a lost connection (a server restart) before the "
+                        "worker stops with one line")
+    p.add_argument("--retry-given-up", action="store_true",
+                   help="queue cells that used up --max-retries once more (the report names them)")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between checks while others run cells")
     p.add_argument("--no-report", action="store_true", help="do not write the report (extra workers)")
     a = p.parse_args(argv)
@@ -266,8 +319,8 @@ def parse_args(argv: list[str] | None = None) -> SweepOptions:
             settings=TrialSettings(steps=a.steps, val_every=a.val_every, configs=tuple(a.config),
                                    overrides=tuple(a.set)),
             launcher=a.launcher, workers=a.workers, threads=a.threads,
-            live=Liveness(a.heartbeat_interval, a.grace_period, a.max_retries), poll_s=a.poll,
-            report=not a.no_report)
+            live=Liveness(a.heartbeat_interval, a.grace_period, a.max_retries, a.storage_patience), poll_s=a.poll,
+            report=not a.no_report, retry_given_up=a.retry_given_up)
     except ValueError as err:
         p.error(str(err))
 
@@ -278,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the [ablate] lines say what happened to each cell
     try:
         run_sweep(opts, argv)
-    except SweepRefused as err:  # one clear line, no traceback
+    except (SweepRefused, StorageUnavailable) as err:  # one clear line, no traceback
         sys.exit(f"[ablate] {err}")
 
 

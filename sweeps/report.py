@@ -645,11 +645,16 @@ def main(argv: list[str] | None = None) -> None:
     protocol = Protocol(targets={**TARGETS, **parse_pairs(a.target, "--target")}, window=a.window,
                         base=parse_pairs(a.base, "--base"))
     if a.runs:
-        runs = runs_from_folder(a.runs)
-    else:
-        storage = open_storage(a.storage) if a.storage.startswith("journal:") else a.storage
-        runs = runs_from_study(optuna.load_study(study_name=a.study, storage=storage))
-    print(f"[report] wrote {write_report(runs, a.out, protocol)}")
+        print(f"[report] wrote {write_report(runs_from_folder(a.runs), a.out, protocol)}")
+        return
+    # SQLite (earlier layout) is read as is; journal and RDB through the sweep's storage (patient on a lost database)
+    storage = a.storage if a.storage.startswith("sqlite") else open_storage(a.storage)
+    study = optuna.load_study(study_name=a.study, storage=storage)
+    path = write_report(runs_from_study(study), a.out, protocol)
+    from sweeps.missing import add_to_report  # the cells without a result, named at the top
+
+    add_to_report(path, study)
+    print(f"[report] wrote {path}")
 
 
 def parse_pairs(pairs: list[str], flag: str) -> dict[str, float]:

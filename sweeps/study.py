@@ -19,21 +19,34 @@ Optuna does the coordination; this module picks the storage, fills the queue onc
   `study.tell(n, state=FAIL)` (only one worker wins it) and the same retry callback. `heartbeat_at` is written on RDB
   storages too, only so that waiting workers can say how long a silent cell has left.
 - **Failed fits** are re-queued by the same callback; after `max_retries` retries the cell is given up.
+- **Database faults.** An RDB storage is opened with `pool_pre_ping` (Optuna turns it on only for MySQL), so the first
+  query after a server restart gets a fresh connection instead of a dead pooled one. Every storage call of the
+  sweep (Optuna's own: pop, heartbeat, tell; ours: user attrs, reads for the queue and the report) goes through
+  `PatientRDBStorage`, which retries a lost connection with backoff for `Liveness.storage_patience` s, says so in one
+  line, and then raises `StorageUnavailable` (one line, no traceback, exit 1). Heartbeats never end their thread: a
+  beat that cannot be written is skipped and said so.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import optuna
 import sqlalchemy.exc
-from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
+from optuna.exceptions import (
+    DuplicatedStudyError,
+    ExperimentalWarning,
+    StorageInternalError,
+    UpdateFinishedTrialError,
+)
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -48,6 +61,10 @@ class SweepRefused(ValueError):
     """A storage or study this version cannot run the matrix on (the message says why and what to do)."""
 
 
+class StorageUnavailable(RuntimeError):
+    """The study's database stayed unreachable for longer than `Liveness.storage_patience` (the message says where)."""
+
+
 @dataclass(frozen=True)
 class Liveness:
     """How a dead worker's cell comes back: silence after which it is failed, and how often a cell is retried."""
@@ -55,16 +72,130 @@ class Liveness:
     heartbeat_interval: int = 30
     grace_period: int = 120
     max_retries: int = 2
+    storage_patience: float = 300.0  # seconds a storage call retries a lost database connection before giving up
 
     def __post_init__(self) -> None:
-        if not 1 <= self.heartbeat_interval < self.grace_period or self.max_retries < 0:
-            raise ValueError(f"need 1 <= heartbeat_interval < grace_period and max_retries >= 0, got "
-                             f"{self.heartbeat_interval}, {self.grace_period}, {self.max_retries}")
+        if not 1 <= self.heartbeat_interval < self.grace_period or self.max_retries < 0 or self.storage_patience < 0:
+            raise ValueError(f"need 1 <= heartbeat_interval < grace_period, max_retries >= 0 and storage_patience >= "
+                             f"0, got {self.heartbeat_interval}, {self.grace_period}, {self.max_retries}, "
+                             f"{self.storage_patience}")
 
     def retry(self) -> RetryHeartbeatStaleTrialCallback:
         with warnings.catch_warnings():  # experimental in Optuna 5.0; we rely on it knowingly
             warnings.simplefilter("ignore", ExperimentalWarning)
             return RetryHeartbeatStaleTrialCallback(max_retry=self.max_retries)
+
+
+T = TypeVar("T")
+
+
+def lost_connection(err: BaseException) -> bool:
+    """Whether `err` is a database connection that went away (a server restart or outage), as opposed to a bad query:
+    SQLAlchemy's OperationalError/InterfaceError or an invalidated connection, also when Optuna wrapped it in
+    StorageInternalError."""
+    for e in (err, err.__cause__):
+        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+            return True
+    return False
+
+
+def _reason(err: BaseException) -> str:
+    cause = err.__cause__ if isinstance(err, StorageInternalError) and err.__cause__ else err
+    lines = [ln for ln in str(getattr(cause, "orig", None) or cause).splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}".strip()
+
+
+def patiently(what: str, call: Callable[[], T], patience: float, *, on_retry: Callable[[], T | None] | None = None,
+              say: Callable[[str], None] = lambda line: print(line, flush=True)) -> T:
+    """`call()`, retried with backoff (0.1 s doubling to 2 s) while it fails on a lost database connection, for at
+    most `patience` s; then StorageUnavailable naming `what`. Says one line when it starts retrying and one when the
+    database is back. `on_retry`, if given, runs before each retry and may return the result instead (a write whose
+    first try committed but whose answer was lost)."""
+    start, delay, tries = time.monotonic(), 0.1, 0
+    while True:
+        try:
+            if tries and on_retry is not None:
+                done = on_retry()
+                if done is not None:
+                    return done
+            result = call()
+        except Exception as err:
+            if not lost_connection(err):
+                raise
+            waited = time.monotonic() - start
+            if waited >= patience:
+                raise StorageUnavailable(
+                    f"the study's database has been unreachable for {waited:.0f} s (--storage-patience "
+                    f"{patience:g}) at {what}: {_reason(err)}. Finished cells are kept in the study; run the same "
+                    "command again once the database is back") from err
+            if not tries:
+                say(f"[ablate] database unreachable at {what} ({_reason(err)}); retrying for up to {patience:g} s")
+            tries += 1
+            time.sleep(min(delay, max(0.0, patience - waited)))
+            delay = min(2 * delay, 2.0)
+            continue
+        if tries:
+            say(f"[ablate] database back after {time.monotonic() - start:.1f} s ({what})")
+        return result
+
+
+# The storage API that touches the database (the BaseStorage and BaseHeartbeat public methods RDBStorage implements).
+_PATIENT_METHODS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial",
+    "get_all_trials", "get_best_trial", "get_trial_user_attrs", "get_trial_system_attrs",
+)
+
+
+class PatientRDBStorage(RDBStorage):
+    """`RDBStorage` that checks pooled connections before use and rides out a database restart (module docstring).
+
+    Retrying is safe for every call the sweep makes: attribute writes are idempotent; a state change whose first try
+    committed but whose answer was lost is recognised on the retry (`set_trial_state_values`); a trial created twice
+    is either a cell queued twice (run once, `duplicate_of`) or a trial with no cell (pruned at once)."""
+
+    def __init__(self, url: str, *, patience: float, **kwargs: object) -> None:
+        self.patience = patience
+        super().__init__(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)  # type: ignore[arg-type]
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: object = None) -> bool:
+        def committed_before() -> bool | None:
+            # The first try may have committed before the connection dropped: then the trial already holds `state`.
+            if state.is_finished() and RDBStorage.get_trial(self, trial_id).state == state:
+                return True
+            return None
+
+        return patiently(f"set_trial_state_values(trial id {trial_id}, {state.name})",
+                         lambda: RDBStorage.set_trial_state_values(self, trial_id, state, values),  # type: ignore
+                         self.patience, on_retry=committed_before)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Optuna's heartbeat thread calls this every interval; it must not end the thread (a skipped beat only
+        brings the cell nearer to its grace period, which then retries it)."""
+        try:
+            patiently(f"Optuna's heartbeat (trial id {trial_id})", lambda: RDBStorage.record_heartbeat(self, trial_id),
+                      self.patience)
+        except StorageUnavailable as err:
+            print(f"[ablate] Optuna's heartbeat (trial id {trial_id}) skipped: {err}", flush=True)
+
+
+def _patient(name: str) -> Callable[..., object]:
+    base = getattr(RDBStorage, name)
+
+    @functools.wraps(base)
+    def method(self: PatientRDBStorage, *args: object, **kwargs: object) -> object:
+        return patiently(f"{name}{args!r}"[:120], lambda: base(self, *args, **kwargs), self.patience)
+
+    return method
+
+
+for _name in _PATIENT_METHODS:
+    if _name in vars(RDBStorage):  # the base class's others call these
+        setattr(PatientRDBStorage, _name, _patient(_name))
 
 
 def open_storage(url: str, live: Liveness = Liveness()) -> BaseStorage:
@@ -78,18 +209,25 @@ def open_storage(url: str, live: Liveness = Liveness()) -> BaseStorage:
                            "of a queued trial is a read then a write there). Use journal:<file> (the default) or a "
                            "PostgreSQL/MySQL URL. A study of the earlier layout in SQLite can still be reported: "
                            "python sweeps/report.py --storage sqlite:///... --out DIR")
-    for attempt in range(5):
-        try:
-            with warnings.catch_warnings():  # heartbeats are experimental in Optuna 5.0
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                return RDBStorage(url, heartbeat_interval=live.heartbeat_interval, grace_period=live.grace_period,
-                                  heartbeat_stale_trial_callback=live.retry())
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
-            # Workers opening a fresh database together race on creating its tables; the loser's next try finds them.
-            if "already exists" not in str(e) and "duplicate key" not in str(e) or attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
+    def connect() -> BaseStorage:
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():  # heartbeats are experimental in Optuna 5.0
+                    warnings.simplefilter("ignore", ExperimentalWarning)
+                    return PatientRDBStorage(url, patience=live.storage_patience,
+                                             heartbeat_interval=live.heartbeat_interval,
+                                             grace_period=live.grace_period,
+                                             heartbeat_stale_trial_callback=live.retry())
+            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError,
+                    sqlalchemy.exc.ProgrammingError) as e:
+                # Workers opening a fresh database together race on creating its tables; the loser's next try finds
+                # them.
+                if "already exists" not in str(e) and "duplicate key" not in str(e) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    return patiently(f"opening {url}", connect, live.storage_patience)
 
 
 def open_study(storage: BaseStorage, name: str, cells: list[Cell], *, wait_s: float = 60.0) -> optuna.Study:
@@ -172,7 +310,8 @@ def last_heartbeat(trial: FrozenTrial) -> float:
 
 @contextmanager
 def heartbeat(trial: optuna.Trial, interval: float) -> Iterator[None]:
-    """Write `heartbeat_at` every `interval` s while the body runs (a daemon thread: it dies with the process)."""
+    """Write `heartbeat_at` every `interval` s while the body runs (a daemon thread: it dies with the process). A beat
+    that cannot be written (the database is away for longer than the storage's patience) is skipped with a line."""
     stop = threading.Event()
 
     def beat() -> None:
@@ -181,6 +320,9 @@ def heartbeat(trial: optuna.Trial, interval: float) -> Iterator[None]:
                 trial.set_user_attr("heartbeat_at", time.time())
             except UpdateFinishedTrialError:
                 return  # failed as stale meanwhile: the result will be discarded
+            except Exception as err:  # noqa: BLE001 - a missed beat must not end the thread (the cell runs on)
+                print(f"[ablate] heartbeat of trial {trial.number} skipped ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); next try in {interval:g} s", flush=True)
             if stop.wait(interval):
                 return
 
@@ -193,19 +335,40 @@ def heartbeat(trial: optuna.Trial, interval: float) -> Iterator[None]:
         thread.join()
 
 
-def fail_stale(study: optuna.Study, storage: BaseStorage, live: Liveness) -> None:
-    """Fail RUNNING trials silent for longer than the grace period and re-queue their cells (see "Dead workers")."""
+def fail_stale(study: optuna.Study, storage: BaseStorage, live: Liveness,
+               say: Callable[[str], None] = lambda line: print(line, flush=True)) -> list[int]:
+    """Fail RUNNING trials silent for longer than the grace period and re-queue their cells (see "Dead workers"); say
+    one line per trial failed here. Returns their numbers."""
+    running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    failed: list[int] = []
     if isinstance(storage, RDBStorage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        return
-    retry, now = live.retry(), time.time()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if now - last_heartbeat(t) <= live.grace_period:
-            continue
-        try:
-            failed = study.tell(t.number, state=TrialState.FAIL)
-        except (ValueError, UpdateFinishedTrialError):
-            continue  # another worker failed it first, or it finished meanwhile
-        retry(study, failed)
+        if running:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                patiently("failing stale trials", lambda: optuna.storages.fail_stale_trials(study),
+                          live.storage_patience)
+            failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                      if t.number in running]
+    else:
+        retry, now = live.retry(), time.time()
+        for t in running.values():
+            if now - last_heartbeat(t) <= live.grace_period:
+                continue
+            try:
+                frozen = study.tell(t.number, state=TrialState.FAIL)
+            except (ValueError, UpdateFinishedTrialError):
+                continue  # another worker failed it first, or it finished meanwhile
+            retry(study, frozen)
+            failed.append(t.number)
+    if failed:
+        states = cell_states(study)
+        for number in failed:
+            t, cell = running[number], cell_of(running[number])
+            if cell is None:
+                continue
+            s = states[cell]
+            fate = ("re-queued" if s.waiting or s.running or s.complete else
+                    f"given up after {s.fails} failed tries (--max-retries {live.max_retries})")
+            say(f"[ablate] stale: {cell.name} (trial {number}, worker {t.user_attrs.get('worker', '?')}) sent no "
+                f"heartbeat for over {live.grace_period} s; failed it, cell {fate}")
+    return failed

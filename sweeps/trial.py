@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import json
 import math
 import os
 import shlex
@@ -78,6 +80,31 @@ class CellResult:
         if self.ok:
             return out | {"final_accuracy": self.final_accuracy, "best_accuracy": self.best_accuracy}
         return out | {"error": self.error}
+
+
+KEPT_NAME = "cell_result.json"
+
+
+def keep_result(result: CellResult, study: str, trial_number: int) -> None:
+    """Write a finished cell's result beside its run (`cell_result.json`) before it is written to the study, so that
+    a database fault after the fit cannot throw the fit away: the cell's retry finds it (`kept_result`)."""
+    if result.ok and result.run_dir and Path(result.run_dir).is_dir():
+        record = {"study": study, "trial": trial_number, "result": dataclasses.asdict(result)}
+        (Path(result.run_dir) / KEPT_NAME).write_text(json.dumps(record, indent=1))
+
+
+def kept_result(out_dir: Path, cell: Cell, study: str, lost: set[int]) -> tuple[int, CellResult] | None:
+    """A finished result of an earlier attempt at `cell` in study `study` whose trial is one of `lost` (failed or
+    stale, so its result never reached the study), as (trial, result); None when there is none."""
+    for path in sorted((out_dir / "runs" / cell.row).glob(f"seed{cell.seed}-t*/{KEPT_NAME}")):
+        try:
+            record = json.loads(path.read_text())
+            result = CellResult(**record["result"])
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if record.get("study") == study and record.get("trial") in lost and result.ok:
+            return int(record["trial"]), result
+    return None
 
 
 def _die_with_parent() -> None:

@@ -1,6 +1,8 @@
 """`AdvantageMonitor`: logs the GRPO/DIVA signal-health metrics of design.md section 7.
 
-Usable in any Lightning project. It reads, from the dict returned by `training_step`, one entry per response
+Usable in any Lightning project. It reads, from the dict returned by `training_step` (or, if that returns a tensor,
+from `pl_module.difficulty_outputs`; a `None` return is a skipped batch, not logged: `callbacks/outputs.py`),
+after every training batch, one entry per response
 for N responses (missing optional keys just skip their metrics). Each may be a tensor (any device), a list or a
 numpy array, 1-D [N] or 2-D [P, G] (flattened row-major, so [P, G] means P prompts x G responses); every key must
 then hold N entries. Group ids may be ints or any hashable labels (strings), which are numbered in order of first
@@ -41,6 +43,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from diva_lightning.callbacks.outputs import batch_outputs
 from diva_lightning.core.metrics import per_group_mean, variant_rescue_rate, zero_std_fraction
 
 TIER_NAMES = ("easy", "medium", "hard")
@@ -155,26 +158,53 @@ def rank_dependent(key: str) -> bool:
 
 
 class AdvantageMonitor(Callback):
-    """Logs reward spread, advantage-vanishing rates, variant rescue and timings after every training batch.
+    """Logs reward spread, advantage-vanishing rates, variant rescue and timings once per optimizer step.
+
+    Every training batch's metrics count: under gradient accumulation (k batches per optimizer step) each logged
+    value is the mean over the step's batches, weighted by their number of responses (a metric some batch lacks,
+    e.g. a tier it did not hold, is averaged over the batches that have it). Skipped batches (`None` from
+    `training_step`) count for nothing.
 
     Args:
         prefix: prepended to every metric name (e.g. "train/").
-        log_every_n_steps: log only every n-th batch (the metrics are cheap; this only trims log volume).
+        log_every_n_steps: log only every n-th optimizer step (the metrics are cheap; this only trims log volume;
+            the batches of the steps in between are not logged).
     """
 
     def __init__(self, prefix: str = "", log_every_n_steps: int = 1) -> None:
         if log_every_n_steps < 1:
             raise ValueError(f"AdvantageMonitor: log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.prefix, self.log_every_n_steps = prefix, log_every_n_steps
+        self._steps_before_batch = 0
+        self._sums: dict[str, float] = {}  # metric -> sum of value x responses over this optimizer step's batches
+        self._weights: dict[str, float] = {}  # metric -> responses of the batches that logged it
+        self._responses = 0
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._steps_before_batch = trainer.global_step
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if batch_idx % self.log_every_n_steps or not isinstance(outputs, dict):
-            return
-        metrics = {self.prefix + k: v for k, v in monitor_metrics(outputs).items()}
-        n = int(_vector(outputs, "rewards", None).numel())
+        found = batch_outputs(outputs, pl_module, "AdvantageMonitor")
+        logged_step = self._steps_before_batch % self.log_every_n_steps == 0
+        if found is not None and logged_step:
+            outputs = dict(found)
+            n = int(_vector(outputs, "rewards", None).numel())
+            for k, v in monitor_metrics(outputs).items():
+                self._sums[k] = self._sums.get(k, 0.0) + v * n
+                self._weights[k] = self._weights.get(k, 0.0) + n
+            self._responses += n
+        # The batch that ends an optimizer step (global_step moved; at once with manual optimization) logs the step.
+        if trainer.global_step != self._steps_before_batch and self._responses:
+            metrics = {self.prefix + k: self._sums[k] / self._weights[k] for k in self._sums}
+            n, self._sums, self._weights, self._responses = self._responses, {}, {}, 0
+            self._log(trainer, pl_module, metrics, n)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], n: int) -> None:
         if trainer.world_size == 1:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
             return

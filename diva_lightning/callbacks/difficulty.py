@@ -3,12 +3,17 @@
 Usable in any Lightning project. The contract:
 
 - **Input.** After each training batch the callback reads, from the dict returned by `training_step` (or, if that
-  returns a tensor/None, from `pl_module.difficulty_outputs`), with `statistic="accuracy"` (default, the paper)
+  returns a tensor, from `pl_module.difficulty_outputs`; a `None` return is a skipped batch: `callbacks/outputs.py`),
+  with `statistic="accuracy"` (default, the paper)
   either `"difficulty_stats"`: a `core.difficulty.DifficultyStats` (question ids, correct counts, response
   counts), or `"question_ids"` (list[str], one per response) with `"accuracy"` (tensor [N] of 0/1 or fractions),
   the correctness term, not a shaped reward. With `statistic="reward"` (the authors' code) it reads
   `"question_ids"` with `"rewards"` (tensor [N] in [0, 1], the combined 0.9 accuracy + 0.1 format reward) and
   the family's mean reward is alpha; `"difficulty_stats"` is not used then.
+- **Cadence.** Every training batch's statistics count, whatever `accumulate_grad_batches` is: with
+  `update="step"` the table is updated after every batch (k updates per optimizer step under accumulation k).
+  `warmup_steps` counts optimizer steps (`trainer.global_step` when the batch starts): the batches before the
+  `warmup_steps`-th optimizer step are warm-up (`warmup_steps * accumulate_grad_batches` batches).
 - **Seeding.** If the data module has `initial_difficulties()` (question id -> starting D, e.g. the records' own
   `difficulty`), those ids start there instead of at `initial`.
 - **Output.** `callback.table` (a `DifficultyTable`). In `setup` the table is attached to
@@ -34,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from diva_lightning.callbacks.outputs import batch_outputs
 from diva_lightning.core.difficulty import DIFFICULTY_STATISTICS, RULES, DifficultyStats, DifficultyTable
 from diva_lightning.core.tiers import tier_of
 
@@ -87,8 +93,10 @@ class DifficultyCallback(Callback):
             well-formatted family has accuracy 0 (binned rule: +2) but reward 0.1 (binned rule: +1).
         eta: step size of the linear rule.
         d_min / d_max / initial: the difficulty scale and the starting value of unseen questions.
-        update: "step" (update after every training batch) or "epoch" (accumulate, apply at epoch end).
-        warmup_steps: plain GRPO for this many steps: no updates (statistics are discarded).
+        update: "step" (update after every training batch, also under gradient accumulation) or "epoch"
+            (accumulate, apply at epoch end).
+        warmup_steps: plain GRPO for this many optimizer steps: the statistics of the batches that start before
+            the `warmup_steps`-th optimizer step are discarded.
         d_mid / band: tier boundaries, used for the logged tier fractions.
         log_histogram: log the per-bin fractions of the table.
     """
@@ -126,6 +134,8 @@ class DifficultyCallback(Callback):
         self.d_mid, self.band, self.log_histogram = d_mid, band, log_histogram
         self.table = DifficultyTable(initial=initial, d_min=d_min, d_max=d_max, eta=eta, rule=rule)
         self.num_updates = 0
+        self.skipped_batches = 0  # batches whose training_step returned None
+        self._steps_before_batch = 0  # trainer.global_step when the current batch started
 
     @property
     @override
@@ -149,12 +159,21 @@ class DifficultyCallback(Callback):
 
     # ---------------------------------------------------------------------------------------------- update
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Optimizer steps done before this batch: under gradient accumulation global_step moves only on the batch
+        # that steps, and with manual optimization it has already moved by on_train_batch_end.
+        self._steps_before_batch = trainer.global_step
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        stats = stats_from_outputs(outputs, self.statistic)
-        if stats is None:
-            stats = stats_from_outputs(getattr(pl_module, "difficulty_outputs", None), self.statistic)
+        found = batch_outputs(outputs, pl_module, "DifficultyCallback")
+        if found is None:  # a skipped batch (training_step returned None); under DDP every rank must skip it
+            self.skipped_batches += 1
+            return
+        stats = stats_from_outputs(found, self.statistic)
         if stats is None:
             wanted = ("neither 'difficulty_stats' nor 'question_ids' + 'accuracy'" if self.statistic == "accuracy"
                       else "no 'question_ids' + 'rewards' (needed by statistic='reward')")
@@ -163,8 +182,7 @@ class DifficultyCallback(Callback):
                 "(see diva_lightning.callbacks.difficulty for the contract)"
             )
         stats = self._gather(stats)
-        # trainer.global_step counts optimizer steps; with manual optimization it is already incremented here.
-        if trainer.global_step <= self.warmup_steps:
+        if self._steps_before_batch < self.warmup_steps:
             return
         if self.update == "step":
             self.table.update(stats.ids, stats.correct, stats.count)

@@ -12,7 +12,8 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,28 @@ def _server_bin() -> Path | None:
     return versions[-1].parent if versions else None
 
 
+@dataclass(frozen=True)
+class PostgresServer:
+    """The session's server: its URL, and pg_ctl on its data folder (as its owner) to take it down under a test."""
+
+    url: str
+    ctl: Callable[..., None]  # ctl("stop", "-m", "fast") runs pg_ctl stop -m fast -w on the server
+    options: str
+
+    def restart(self) -> None:
+        """`pg_ctl -m fast restart`: open connections are cut, the server is back in well under a second."""
+        self.ctl("restart", "-m", "fast", "-o", self.options)
+
+    def stop(self) -> None:
+        self.ctl("stop", "-m", "fast")
+
+    def start(self) -> None:
+        self.ctl("start", "-o", self.options)
+
+
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """`postgresql://postgres@127.0.0.1:<port>` of a server that lives for the test session."""
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server that lives for the test session (see the module docstring)."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
@@ -54,15 +74,25 @@ def postgres_server() -> Iterator[str]:
             log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
             raise RuntimeError(f"{' '.join(args)} failed:\n{done.stdout}{done.stderr}{log}")
 
+    options = f"-p {port} -h 127.0.0.1 -k {root} -c fsync=off -c synchronous_commit=off"
+
+    def ctl(command: str, *args: str) -> None:
+        pg(str(bindir / "pg_ctl"), command, "-D", str(data), "-l", str(root / "server.log"), "-w", *args)
+
     try:
         pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "start", "-o",
-           f"-p {port} -h 127.0.0.1 -k {root} -c fsync=off -c synchronous_commit=off")
-        yield f"postgresql://postgres@127.0.0.1:{port}"
+        ctl("start", "-o", options)
+        yield PostgresServer(f"postgresql://postgres@127.0.0.1:{port}", ctl, options)
     finally:
         if (data / "postmaster.pid").exists():
             pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres: PostgresServer) -> str:
+    """`postgresql://postgres@127.0.0.1:<port>` of the session's server."""
+    return postgres.url
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ through a plain function (the multi-process guarantees, on PostgreSQL too, are i
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from sweeps._common import ROWS, TABLE2_ROWS, Cell, TrialSettings, build_grid, fit_args
-from sweeps.ablate import SweepOptions, load, progress, waiting_for, work
+from sweeps.ablate import SweepOptions, load, parse_args, progress, run_sweep, waiting_for, work
+from sweeps.missing import missing_cells
 from sweeps.study import Liveness, SweepRefused, cell_of, open_storage
 from sweeps.trial import CellResult
+from tests.sweeps.runners import CsvRunner
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -107,7 +110,8 @@ def test_a_cell_queued_twice_runs_once(tmp_path: Path) -> None:
     assert _trials(opts)[1].user_attrs["duplicate_of"] == 0
 
 
-def test_silent_running_cell_is_failed_and_retried_on_the_journal(tmp_path: Path) -> None:
+def test_silent_running_cell_is_failed_and_retried_on_the_journal(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The journal has no Optuna heartbeat: a trial popped by a worker that then died (no `heartbeat_at`) is failed
     after the grace period by the next worker, which says what it waits for, and its cell is run again."""
     opts = _opts(tmp_path, rows=["full"], seeds=[0, 1])
@@ -121,6 +125,8 @@ def test_silent_running_cell_is_failed_and_retried_on_the_journal(tmp_path: Path
     runner = PlainRunner()
     work(opts, runner)
     assert sorted(runner.calls) == opts.cells
+    assert ("[ablate] stale: full/seed0 (trial 0, worker ?) sent no heartbeat for over 2 s; failed it, cell "
+            "re-queued") in capsys.readouterr().out
     trials = _trials(opts)
     assert trials[0].state == TrialState.FAIL
     retry = next(t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0)
@@ -141,3 +147,32 @@ def test_refused_storages_and_studies_say_why(tmp_path: Path) -> None:
         load(_opts(tmp_path, storage=url))
     with pytest.raises(ValueError, match="has no {args}"):
         _opts(tmp_path, launcher="torchrun -m diva_lightning")
+
+
+def test_missing_cells_are_named_and_given_up_cells_retried_on_request(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    bad = Cell("grpo", 1)
+    opts = _opts(tmp_path, live=Liveness(heartbeat_interval=1, grace_period=2, max_retries=0))
+    # Queued, nothing run yet: every cell is "never started".
+    assert [why for _, why in missing_cells(load(opts)[0])] == ["never started (still queued)"] * 4
+    run_sweep(opts, runner=CsvRunner(fail={bad}))
+    log = capsys.readouterr().out
+    why = "gave up after 1 try (last: trial 3: boom; log "
+    assert f"[ablate] no result: grpo/seed1: {why}" in log and "1 of 4 cells without a result" in log
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# DIVA-GRPO ablation (Table 2 form)\n\n## Cells without a result\n")
+    assert f"| grpo/seed1 | {why}" in report and "--retry-given-up" in report
+    # A rerun without the flag runs nothing and says why; the report still names the cell.
+    again = CsvRunner()
+    run_sweep(opts, runner=again)
+    assert again.calls == [] and "given up earlier, not retried: grpo/seed1 (pass --retry-given-up" in (
+        capsys.readouterr().out)
+    assert f"| grpo/seed1 | {why}" in (tmp_path / "report.md").read_text()
+    # With the flag the cell runs once more; the report is complete.
+    retry = CsvRunner()
+    run_sweep(dataclasses.replace(opts, retry_given_up=True), runner=retry)
+    assert retry.calls == [bad] and "queued grpo/seed1 again" in capsys.readouterr().out
+    assert "Cells without a result" not in (tmp_path / "report.md").read_text()
+    assert "| grpo | 2 |" in (tmp_path / "table2.md").read_text()
+    flags = parse_args(["--retry-given-up", "--storage-patience", "7.5"])
+    assert flags.retry_given_up and flags.live.storage_patience == 7.5
