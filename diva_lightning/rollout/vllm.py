@@ -199,7 +199,7 @@ class VLLMEngine(RolloutEngine):
                                     "max_pixels": bundle.vision_spec.max_pixels},
             "enable_sleep_mode": self.sleeps(device),
             "logprobs_mode": "processed_logprobs",  # after temperature: what the trainer scores
-            "seed": seed,
+            "seed": seed % (1 << 32),  # vLLM seeds numpy with it (< 2**32); the requests carry their own seeds
             "dtype": dtype,
             # in-process either way: one engine per rank on the trainer's process group, or a lone one
             "distributed_executor_backend": "external_launcher" if world_size > 1 else "uni",
