@@ -316,21 +316,33 @@ class DivaGRPOModule(pl.LightningModule):
                           seed=stable_seed("engine", self.seed, self.global_rank), sharded=self.sharded)
         self._generation_ready = True
 
+    def _engine_takes_weights(self) -> None:
+        """An engine with its own copy of the weights (vLLM) takes the module's, which may have been restored from
+        ``--ckpt_path`` after the engine's checkpoint was chosen: a resumed fit samples from the restored policy in
+        its first round, and validate/test/predict score the checkpoint, not the base."""
+        if not self.engine.samples_from_module:
+            self.engine.sync_weights(self.policy)  # type: ignore[arg-type]
+
     @override
     def on_fit_start(self) -> None:
         self._prepare_generation()
+        self._engine_takes_weights()
 
     @override
     def on_validation_start(self) -> None:
         self._prepare_generation()
+        if self.trainer.state.fn != "fit":  # during fit the engine is already in sync (on_fit_start, wake)
+            self._engine_takes_weights()
 
     @override
     def on_test_start(self) -> None:
         self._prepare_generation()
+        self._engine_takes_weights()
 
     @override
     def on_predict_start(self) -> None:
         self._prepare_generation()
+        self._engine_takes_weights()
 
     # ----------------------------------------------------------------------------------------------- rollout
     def _encode(self, batch: FamilyBatch) -> dict[str, Tensor]:

@@ -31,7 +31,7 @@ def _engine_args(stale: bool) -> list[str]:
 
 def test_synced_engine_matches_the_trainer(tiny_policy_dir: str, tmp_path: Path) -> None:
     cli = run_cli(small_args(tiny_policy_dir, tmp_path, *_engine_args(stale=False), steps=3))
-    assert cli.model.engine.syncs == 3  # told after every optimizer step
+    assert cli.model.engine.syncs == 4  # told at fit start (restored weights), then after every optimizer step
     rows = _rows(cli)
     assert len(rows) == 3
     for row in rows:
