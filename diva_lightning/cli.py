@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from diva_lightning.checkpointing import verify_checkpoint
+from diva_lightning.checkpointing import check_resume_settings, load_lazily, run_settings, verify_checkpoint
 from diva_lightning.data.datamodule import DivaDataModule
 from diva_lightning.models.embedded import EMBEDDED, resolve_embedded
 from diva_lightning.module import DivaGRPOModule
@@ -72,6 +73,10 @@ class DivaCLI(LightningCLI):
         parser.add_argument("--eval_baseline", type=str | None, default=None,
                             help="test: the test/ folder (or its metrics.json) of an earlier test run, e.g. of the "
                                  "base policy; its numbers are the comparison row of the Table-1 report.")
+        parser.add_argument("--allow_changed_settings", type=bool, default=False,
+                            help="fit --ckpt_path: resume even when a setting that defines the run (estimator, "
+                                 "reward, rollout, loss, G, sampling, plan, data, seed) differs from the "
+                                 "checkpoint's record; refused by default, naming each difference.")
         parser.link_arguments("seed_everything", "data.init_args.seed")
         parser.link_arguments("seed_everything", "model.init_args.seed")
         parser.link_arguments("model.init_args.num_generations", "data.init_args.num_generations")
@@ -97,16 +102,36 @@ class DivaCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path") if cfg is not None else None
         if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc", "registry") and "://" not in ckpt:
             verify_checkpoint(ckpt)
+        # The config as given. LightningCLI then overwrites the model's config with a --ckpt_path checkpoint's
+        # hyper-parameters (issue 22: a GRPO resume ran DIVA's estimator); `before_instantiate_classes` puts this
+        # back, so the run, --print_config and the saved config.yaml all are what the user asked for.
+        self._given_config = self.config.clone()
 
     def before_instantiate_classes(self) -> None:
         _STATE["training"] = False
         _console_logging()
+        self.config = self._given_config
+        self._run_settings: dict[str, Any] | None = None
+        if self.config.get("subcommand") == "fit":
+            self._run_settings = run_settings(self._config_dump()["fit"])
+            cfg = self.config["fit"]
+            ckpt = cfg.get("ckpt_path")
+            if (isinstance(ckpt, str) and Path(ckpt).is_file() and not cfg.get("allow_changed_settings")):
+                # early, before the policy loads; `DivaGRPOModule.on_load_checkpoint` checks "last" etc. too
+                check_resume_settings(load_lazily(ckpt), self._run_settings, ckpt)
+
+    def _config_dump(self) -> dict[str, Any]:
+        return yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False,
+                                               format="yaml"))
 
     def _mark_start(self) -> None:
         self.trainer.callbacks.append(_TrainingStarted())
 
     def before_fit(self) -> None:
         self._mark_start()
+        if isinstance(self.model, DivaGRPOModule):  # recorded in every checkpoint, checked on resume
+            self.model.run_settings = self._run_settings
+            self.model.allow_changed_settings = bool(self.config["fit"].get("allow_changed_settings"))
         self._bootstrap()
         self._check_skew_temperature()
 
