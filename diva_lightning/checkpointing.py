@@ -232,8 +232,22 @@ def run_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """One line per setting whose value differs between a checkpoint's record and the current config."""
-    lines = []
-    for key in sorted(set(recorded) | set(current)):
+    keys = sorted(set(recorded) | set(current))
+    # a component whose class differs: its init_args differ as a consequence (one line, not one per argument)
+    swapped = [k[: -len("class_path")] for k in keys
+               if k.endswith(".class_path") and recorded.get(k, _MISSING) != current.get(k, _MISSING)]
+    # a group set on one side and null on the other (e.g. the DifficultyCallback, or dynamic_sampling)
+    grouped: dict[str, tuple[Any, Any]] = {}
+    for key in keys:
+        for mine, other in ((recorded, current), (current, recorded)):
+            if mine.get(key, _MISSING) is None and any(k.startswith(key + ".") for k in other):
+                sub = {k[len(key) + 1:]: v for k, v in other.items() if k.startswith(key + ".")}
+                grouped[key] = (None, sub) if mine is recorded else (sub, None)
+    lines = [f"  {key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in grouped.items()]
+    for key in keys:
+        if any(key.startswith(p + "init_args.") for p in swapped) or key in grouped \
+                or any(key.startswith(g + ".") for g in grouped):
+            continue
         old, new = recorded.get(key, _MISSING), current.get(key, _MISSING)
         if old == new:
             continue
@@ -241,7 +255,7 @@ def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
             continue  # a key only one side spells out, null on the other
         shown = ["(not set)" if v is _MISSING else repr(v) for v in (old, new)]
         lines.append(f"  {key}: checkpoint {shown[0]}, now {shown[1]}")
-    return lines
+    return sorted(lines)
 
 
 class ChangedSettingsError(ValueError):
