@@ -138,11 +138,6 @@ class DivaCLI(LightningCLI):
         self._run_settings: dict[str, Any] | None = None
         if self.config.get("subcommand") == "fit":
             self._run_settings = run_settings(self._config_dump()["fit"])
-            cfg = self.config["fit"]
-            ckpt = cfg.get("ckpt_path")
-            if (isinstance(ckpt, str) and Path(ckpt).is_file() and not cfg.get("allow_changed_settings")):
-                # early, before the policy loads; `DivaGRPOModule.on_load_checkpoint` checks "last" etc. too
-                check_resume_settings(load_lazily(ckpt), self._run_settings, ckpt)
 
     def _config_dump(self) -> dict[str, Any]:
         return yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False,
@@ -154,8 +149,13 @@ class DivaCLI(LightningCLI):
     def before_fit(self) -> None:
         self._mark_start()
         if isinstance(self.model, DivaGRPOModule):  # recorded in every checkpoint, checked on resume
+            cfg = self.config["fit"]
             self.model.run_settings = self._run_settings
-            self.model.allow_changed_settings = bool(self.config["fit"].get("allow_changed_settings"))
+            self.model.allow_changed_settings = bool(cfg.get("allow_changed_settings"))
+            ckpt = cfg.get("ckpt_path")
+            if isinstance(ckpt, str) and Path(ckpt).is_file() and not self.model.allow_changed_settings:
+                # early, before the policy loads; `DivaGRPOModule.on_load_checkpoint` checks "last" etc. too
+                check_resume_settings(load_lazily(ckpt), self._run_settings or {}, ckpt)
         self._bootstrap()
         self._check_skew_temperature()
 
