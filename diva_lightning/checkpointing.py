@@ -177,3 +177,108 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> None:
                                   "off while being written, or not a checkpoint") from None
     if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
         raise _load_error(target, f"the archive ({size:,} bytes) has no data.pkl record: not a torch checkpoint")
+
+
+# ------------------------------------------------------------------------------------------ run settings (issue 22)
+RUN_SETTINGS_KEY = "diva_run_settings"
+ALLOW_SWITCH = "--allow_changed_settings true"
+# Settings a resume may change freely: they do not change what a training round computes (evaluation decoding and
+# sources, memory knobs).
+NOT_RUN_DEFINING = (
+    "model.init_args.val_sampling",
+    "model.init_args.micro_batch_size",
+    "model.init_args.policy_config.gradient_checkpointing",
+    "data.init_args.val_source",
+    "data.init_args.test_source",
+    "data.init_args.predict_source",
+    "data.init_args.val_batch_size",
+)
+_MISSING = object()
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key, sub in value.items():
+            _flatten(sub, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = value
+
+
+def run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that define a training run, flattened to ``dotted.key -> value``, from one subcommand's config
+    as LightningCLI dumps it: the seed, every model and data setting (estimator, reward, rollout engine, loss, G,
+    sampling, plan, data; a component as its class_path and init_args), the trainer's precision and process count,
+    and the difficulty callbacks (the difficulty rule is part of the algorithm). Keys in `NOT_RUN_DEFINING` are left
+    out. Plain Python values only, so the record loads with ``torch.load(weights_only=True)``."""
+    picked: dict[str, Any] = {
+        "seed_everything": config.get("seed_everything"),
+        "model": config.get("model"),
+        "data": config.get("data"),
+    }
+    trainer = config.get("trainer") or {}
+    for key in ("precision", "devices", "num_nodes", "accumulate_grad_batches"):
+        picked[f"trainer.{key}"] = trainer.get(key)
+    callbacks = trainer.get("callbacks") or []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("DifficultyCallback"):
+            picked["trainer.callbacks.DifficultyCallback"] = cb.get("init_args") or {}
+    picked.setdefault("trainer.callbacks.DifficultyCallback", None)
+    flat: dict[str, Any] = {}
+    for key, value in picked.items():
+        _flatten(value, key, flat)
+    return {k: v for k, v in flat.items()
+            if not any(k == skip or k.startswith(skip + ".") for skip in NOT_RUN_DEFINING)}
+
+
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One line per setting whose value differs between a checkpoint's record and the current config."""
+    keys = sorted(set(recorded) | set(current))
+    # a component whose class differs: its init_args differ as a consequence (one line, not one per argument)
+    swapped = [k[: -len("class_path")] for k in keys
+               if k.endswith(".class_path") and recorded.get(k, _MISSING) != current.get(k, _MISSING)]
+    # a group set on one side and null on the other (e.g. the DifficultyCallback, or dynamic_sampling)
+    grouped: dict[str, tuple[Any, Any]] = {}
+    for key in keys:
+        for mine, other in ((recorded, current), (current, recorded)):
+            if mine.get(key, _MISSING) is None and any(k.startswith(key + ".") for k in other):
+                sub = {k[len(key) + 1:]: v for k, v in other.items() if k.startswith(key + ".")}
+                grouped[key] = (None, sub) if mine is recorded else (sub, None)
+    lines = [f"  {key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in grouped.items()]
+    for key in keys:
+        if any(key.startswith(p + "init_args.") for p in swapped) or key in grouped \
+                or any(key.startswith(g + ".") for g in grouped):
+            continue
+        old, new = recorded.get(key, _MISSING), current.get(key, _MISSING)
+        if old == new:
+            continue
+        if old is _MISSING and new is None or new is _MISSING and old is None:
+            continue  # a key only one side spells out, null on the other
+        shown = ["(not set)" if v is _MISSING else repr(v) for v in (old, new)]
+        lines.append(f"  {key}: checkpoint {shown[0]}, now {shown[1]}")
+    return sorted(lines)
+
+
+class ChangedSettingsError(ValueError):
+    """A resume whose configuration differs from the one the checkpoint was trained with."""
+
+
+def check_resume_settings(checkpoint: dict[str, Any], current: dict[str, Any], path: Any) -> None:
+    """Refuse to resume from ``checkpoint`` (loaded from ``path``) when ``current`` differs from its record, naming
+    each difference and the switch that allows it; a checkpoint without a record is refused the same way."""
+    recorded = checkpoint.get(RUN_SETTINGS_KEY)
+    if recorded is None:
+        raise ChangedSettingsError(
+            f"cannot resume from {path}: the checkpoint records no run settings (written before diva-lightning "
+            f"recorded them, or not through `python -m diva_lightning fit`), so a changed setting could not be "
+            f"detected. Pass {ALLOW_SWITCH} to resume with the current config anyway.")
+    diffs = settings_differences(recorded, current)
+    if diffs:
+        raise ChangedSettingsError(
+            f"cannot resume from {path}: {len(diffs)} setting(s) differ from the run that wrote it (the resumed run "
+            "would silently be a different algorithm):\n" + "\n".join(diffs) + "\nGive the original run's config "
+            f"(its config.yaml is next to its checkpoints), or pass {ALLOW_SWITCH} to resume with the new settings.")
+
+
+def load_lazily(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A local checkpoint's entries with its tensors memory-mapped, not read (cheap for a 7B checkpoint)."""
+    return torch.load(_local(path), map_location="cpu", weights_only=True, mmap=True)

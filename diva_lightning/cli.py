@@ -16,15 +16,18 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from diva_lightning.checkpointing import verify_checkpoint
+from diva_lightning.checkpointing import check_resume_settings, load_lazily, run_settings, verify_checkpoint
 from diva_lightning.data.datamodule import DivaDataModule
 from diva_lightning.models.embedded import EMBEDDED, resolve_embedded
 from diva_lightning.module import DivaGRPOModule
@@ -61,6 +64,25 @@ def ensure_base_policy(policy: str, recipe: str = WARMUP_RECIPE) -> None:
     print(f"[diva-lightning] base policy ready at {target}", flush=True)
 
 
+def check_trainer_counts(trainer: Any, *, fitting: bool) -> None:
+    """Counts that make no sense are refused naming the option, before anything loads (issue 22:
+    ``--trainer.max_steps -1`` silently planned Lightning's default of 1000 epochs)."""
+    problems = []
+    max_steps, max_epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    if fitting and isinstance(max_steps, int) and max_steps < 0 and (max_steps < -1 or max_epochs is None):
+        problems.append(f"trainer.max_steps must be >= 0 (the number of training rounds), got {max_steps}"
+                        + (": -1 with trainer.max_epochs unset would run Lightning's default of 1000 epochs; "
+                           "set trainer.max_epochs for an epoch-bounded run" if max_steps == -1 else ""))
+    if fitting and isinstance(max_epochs, int) and max_epochs < -1:
+        problems.append(f"trainer.max_epochs must be >= -1 (-1: no epoch limit), got {max_epochs}")
+    for key in ("val_check_interval", "log_every_n_steps", "accumulate_grad_batches"):
+        value = trainer.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            problems.append(f"trainer.{key} must be >= 1, got {value}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 class DivaCLI(LightningCLI):
     """LightningCLI with DIVA's argument links and the base-policy bootstrap."""
 
@@ -72,6 +94,10 @@ class DivaCLI(LightningCLI):
         parser.add_argument("--eval_baseline", type=str | None, default=None,
                             help="test: the test/ folder (or its metrics.json) of an earlier test run, e.g. of the "
                                  "base policy; its numbers are the comparison row of the Table-1 report.")
+        parser.add_argument("--allow_changed_settings", type=bool, default=False,
+                            help="fit --ckpt_path: resume even when a setting that defines the run (estimator, "
+                                 "reward, rollout, loss, G, sampling, plan, data, seed) differs from the "
+                                 "checkpoint's record; refused by default, naming each difference.")
         parser.link_arguments("seed_everything", "data.init_args.seed")
         parser.link_arguments("seed_everything", "model.init_args.seed")
         parser.link_arguments("model.init_args.num_generations", "data.init_args.num_generations")
@@ -97,16 +123,39 @@ class DivaCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path") if cfg is not None else None
         if isinstance(ckpt, str) and ckpt not in ("last", "best", "hpc", "registry") and "://" not in ckpt:
             verify_checkpoint(ckpt)
+        # The config as given. LightningCLI then overwrites the model's config with a --ckpt_path checkpoint's
+        # hyper-parameters (issue 22: a GRPO resume ran DIVA's estimator); `before_instantiate_classes` puts this
+        # back, so the run, --print_config and the saved config.yaml all are what the user asked for.
+        self._given_config = self.config.clone()
 
     def before_instantiate_classes(self) -> None:
         _STATE["training"] = False
         _console_logging()
+        self.config = self._given_config
+        sub = self.config.get("subcommand")
+        if sub:
+            check_trainer_counts(self.config[sub].get("trainer") or {}, fitting=sub == "fit")
+        self._run_settings: dict[str, Any] | None = None
+        if self.config.get("subcommand") == "fit":
+            self._run_settings = run_settings(self._config_dump()["fit"])
+
+    def _config_dump(self) -> dict[str, Any]:
+        return yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False,
+                                               format="yaml"))
 
     def _mark_start(self) -> None:
         self.trainer.callbacks.append(_TrainingStarted())
 
     def before_fit(self) -> None:
         self._mark_start()
+        if isinstance(self.model, DivaGRPOModule):  # recorded in every checkpoint, checked on resume
+            cfg = self.config["fit"]
+            self.model.run_settings = self._run_settings
+            self.model.allow_changed_settings = bool(cfg.get("allow_changed_settings"))
+            ckpt = cfg.get("ckpt_path")
+            if isinstance(ckpt, str) and Path(ckpt).is_file() and not self.model.allow_changed_settings:
+                # early, before the policy loads; `DivaGRPOModule.on_load_checkpoint` checks "last" etc. too
+                check_resume_settings(load_lazily(ckpt), self._run_settings or {}, ckpt)
         self._bootstrap()
         self._check_skew_temperature()
 
@@ -241,6 +290,26 @@ EXTRA_COMMANDS = {
     "augment": "diva_lightning.teacher.augment:augment_main",
 }
 TRACEBACK_ENV = "DIVA_LIGHTNING_TRACEBACK"
+# `python -m diva_lightning --help`: every command, one line each (LightningCLI's own help lists only its four).
+COMMANDS = {
+    "fit": "train a policy (DIVA-GRPO; baselines and ablations are overlays in experiments/); --ckpt_path resumes",
+    "validate": "score a policy (or a --ckpt_path checkpoint) on the validation sources",
+    "test": "evaluate on the test sources/benchmarks: responses, metrics and a Table-1 report in <log_dir>/test/",
+    "predict": "answer data.predict_source and write the responses that `score` grades",
+    "warmup": "build the embedded base policy (SFT warm-up on the procedural world)",
+    "score": "grade saved responses on a benchmark's native file, without a model",
+    "augment": "fill a data file's variants and think_steps with a local teacher model",
+}
+
+
+def overview() -> str:
+    """The top-level help: every command with one line."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m diva_lightning COMMAND [--config FILE ...] [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`python -m diva_lightning COMMAND --help` lists a command's options; "
+              "`fit --config experiments/full.yaml --print_config` shows every setting of a run."]
+    return "\n".join(lines)
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -279,12 +348,105 @@ def startup_error_summary(err: BaseException) -> str:
     return f"diva-lightning: {type(root).__name__}: " + "\n".join(lines)
 
 
+# Parse errors raise (one line from `main`) instead of jsonargparse's usage dump; --help still prints usage.
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+PARSER_KWARGS: dict[str, Any] = {"exit_on_error": False, "prog": "python -m diva_lightning",
+                                 **{name: {"exit_on_error": False} for name in LIGHTNING_COMMANDS}}
+# Options people reach for that are spelled differently here: the real ones to name in the error.
+OPTION_HINTS = {
+    "batch_size": ["questions_per_step (questions per training round)", "val_batch_size (questions per "
+                   "validation batch)"],
+    "num_samples": ["num_generations (G, responses per prompt in training)"],
+    "learning_rate": ["lr"],
+    "epochs": ["ppo_epochs (passes over a round's responses)", "trainer.max_steps (rounds)"],
+}
+_KEY = re.compile(r"""(?:Parser key|Key) ["']([^"']+)["']|Option ["']([^"']+)["'] is not accepted""")
+
+
+def _sources(argv: list[str], key: str) -> list[str]:
+    """In command-line order, the --config files and command-line options that may set ``key`` (dotted): the
+    last one is where the parsed value came from."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            out.append(arg.split("=", 1)[1])
+        elif arg.startswith("--") and key and (key == arg[2:].split("=", 1)[0] or key.startswith(arg[2:] + ".")):
+            out.append(arg)
+    return out
+
+
+def _holds(path: str, key: list[str]) -> bool:
+    """Whether the YAML file at ``path`` sets ``key`` (a dotted path, parts in order)."""
+    try:
+        node: Any = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    for part in key:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _suggest(name: str, message: str) -> str:
+    """' (did you mean ...?)' for an unknown option: the known spelling, else close names of the class's args."""
+    import difflib
+    import inspect
+
+    hints = list(OPTION_HINTS.get(name, []))
+    found = re.search(r"class_path '([\w.]+)'", message)
+    if found and not hints:
+        module, _, cls = found.group(1).rpartition(".")
+        try:
+            params = list(inspect.signature(getattr(importlib.import_module(module), cls)).parameters)
+        except (ImportError, AttributeError, ValueError, TypeError):
+            params = []
+        hints = difflib.get_close_matches(name, params, n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(hints)}?)" if hints else ""
+
+
+def parse_error_line(message: str, argv: list[str]) -> str:
+    """jsonargparse's nested parse error as one line naming where the value came from (a --config file or the
+    command line), the full key and the reason."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    parts: list[str] = []
+    reasons: list[str] = []
+    noise = ("Does not validate", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value")
+    for line in lines:
+        if "Problem with given class_path" in line:
+            parts.append("init_args")  # the keys below it are the class's init_args
+            continue
+        for key, option in _KEY.findall(line):
+            parts.extend((key or option).split("."))
+        rest = _KEY.sub("", line).lstrip(":- ").strip()
+        if rest and not line.startswith(noise) and not rest.startswith(noise):
+            reasons.append(rest)
+    reason = reasons[0] if reasons else lines[-1] if lines else message
+    unknown = re.search(r"Option ['\"]([^'\"]+)['\"] is not accepted", message)
+    if unknown:
+        reason = f"{unknown.group(1)!r} is not an option{_suggest(unknown.group(1), message)}"
+    key = ".".join(parts)
+    found = [src for src in _sources(argv, key) if src.startswith("--") or _holds(src, parts)]
+    if found and not found[-1].startswith("--"):
+        where = f"config file {found[-1]}: key {key}"
+    else:
+        where = f"--{key}" if key else "the command line"
+    return f"diva-lightning: {where}: {reason}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m diva_lightning SUBCOMMAND ...`. Errors before training starts (configuration, data, policy
     path) print one summary line instead of jsonargparse's chained tracebacks (exit code 2); set
     DIVA_LIGHTNING_TRACEBACK=1 for the traceback. Errors during training keep theirs."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        if not argv:
+            raise SystemExit(2)
+        return
     if argv and argv[0] in EXTRA_COMMANDS:
         module, _, function = EXTRA_COMMANDS[argv[0]].partition(":")
         getattr(importlib.import_module(module), function)(argv[1:])
@@ -292,7 +454,14 @@ def main(argv: list[str] | None = None) -> None:
     _STATE["training"] = False
     try:
         # args=None lets LightningCLI read sys.argv itself (passing both made it warn on every command)
-        run_cli(None if from_command_line else argv)
+        run_cli(None if from_command_line else argv, parser_kwargs=PARSER_KWARGS)
+    except ArgumentError as err:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(parse_error_line(str(err), argv), file=sys.stderr)
+        print(f"  (`python -m diva_lightning {argv[0] if argv else 'fit'} --help` lists the options)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as err:
         if _STATE["training"] or os.environ.get(TRACEBACK_ENV):
             raise

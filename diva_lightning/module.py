@@ -45,6 +45,7 @@ from transformers import AutoConfig
 from typing_extensions import override
 
 from diva_lightning.algorithms import AdvantageEstimator, DivaAdvantage
+from diva_lightning.checkpointing import RUN_SETTINGS_KEY, check_resume_settings
 from diva_lightning.core.correction import importance_weights
 from diva_lightning.core.filtering import select_units, spread_filter
 from diva_lightning.core.loss import truncation_mask
@@ -184,8 +185,12 @@ class DivaGRPOModule(pl.LightningModule):
         self._eval_runs: dict[str, EvalRun] = {}  # the running validation / test / predict pass
         self.test_results: list[SourceResult] = []  # the last test pass, per source (every rank)
         self.predict_results: list[SourceResult] = []
-        # Components are recorded by the CLI's config.yaml (class_path + init_args), not as hparams.
-        self.save_hyperparameters(ignore=["advantage", "reward", "rollout"])
+        # No `save_hyperparameters` (issue 22): LightningCLI replaces the model's config with a checkpoint's
+        # hyper-parameters on --ckpt_path, which silently changed the algorithm on resume. The run's settings are
+        # recorded instead under `RUN_SETTINGS_KEY` (set by the CLI: every model, data and difficulty setting) and
+        # a resume that differs is refused in `on_load_checkpoint`.
+        self.run_settings: dict[str, Any] | None = None
+        self.allow_changed_settings = False
 
     # ------------------------------------------------------------------------------------------------ setup
     @property
@@ -472,9 +477,14 @@ class DivaGRPOModule(pl.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["diva_rollouts_generated"] = self.rollouts_generated
+        if self.run_settings is not None:
+            checkpoint[RUN_SETTINGS_KEY] = self.run_settings
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and self.run_settings is not None and not self.allow_changed_settings:
+            check_resume_settings(checkpoint, self.run_settings, self.trainer.ckpt_path)
         self.rollouts_generated = int(checkpoint.get("diva_rollouts_generated", 0))
 
     def _score(self, model: torch.nn.Module, inputs: dict[str, Tensor], roll: Any, rows: list[int], *,

@@ -56,3 +56,52 @@ def test_a_damaged_checkpoint_is_named_before_lightning_loads_it(tmp_path: Path,
     err = capsys.readouterr().err
     assert f"cannot resume from checkpoint {damaged}: the file is empty (0 bytes)" in err
     assert "epoch=0-step=20.ckpt" in err  # the folder's other checkpoints are offered
+
+
+def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "usage:" not in captured.err + captured.out  # no usage dump (issue 22: 53 lines of it)
+    return captured.err.strip().splitlines()
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "warmup", "score", "augment"):
+        assert any(line.split()[:1] == [command] and len(line.split()) > 2 for line in out.splitlines()), command
+
+
+def test_an_error_in_a_config_file_names_the_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    bad = tmp_path / "overlay.yaml"
+    bad.write_text("model:\n  init_args:\n    advantage:\n      init_args:\n        k: abc\n")
+    err = _one_line_error(["fit", "--config", FULL, "--config", str(bad)], capsys)
+    assert err[0] == (f"diva-lightning: config file {bad}: key model.init_args.advantage.init_args.k: Expected a "
+                      "<class 'float'>. Got value: abc")
+    # the same value on the command line is named as the option
+    err = _one_line_error(["fit", "--config", FULL, "--model.init_args.num_generations", "abc"], capsys)
+    assert err[0] == "diva-lightning: --model.init_args.num_generations: Expected a <class 'int'>. Got value: abc"
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    (["--data.init_args.batch_size", "0"],
+     "diva-lightning: --data.init_args.batch_size: 'batch_size' is not an option (did you mean questions_per_step "
+     "(questions per training round) or val_batch_size (questions per validation batch)?)"),
+    (["--trainer.max_steps", "-1"],
+     "diva-lightning: ValueError: trainer.max_steps must be >= 0 (the number of training rounds), got -1: -1 with "
+     "trainer.max_epochs unset would run Lightning's default of 1000 epochs; set trainer.max_epochs for an "
+     "epoch-bounded run"),
+    (["--trainer.val_check_interval", "0"],
+     "diva-lightning: ValueError: trainer.val_check_interval must be >= 1, got 0"),
+])
+def test_counts_that_make_no_sense_are_refused_naming_the_option(override: list[str], expected: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    err = _one_line_error(["fit", "--config", FULL, "--trainer.logger.init_args.save_dir", str(tmp_path),
+                           *override], capsys)
+    assert err[0] == expected

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from math_verify import parse
 from sympy import Basic
 
-from diva_lightning.rewards.accuracy import MAX_ANSWER_CHARS, choice_letter, last_boxed
+from diva_lightning.rewards.accuracy import MAX_ANSWER_CHARS, choice_letter, last_boxed, named_letters
 
 _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -49,6 +49,52 @@ def unwrap(s: str) -> str:
 
 def strip_degrees(s: str) -> str:
     return s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\circ", "").replace("°", "").strip()
+
+
+def option_key(s: str) -> str:
+    r"""An option text or a boxed answer normalised as MATH-Vision's scorer does before comparing: case, spaces,
+    ``$``, thin spaces, ``\dfrac``/``\tfrac`` and degree signs aside (``50^\circ`` = ``50°`` = ``50``)."""
+    s = s.lower().replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = strip_degrees(unwrap(s))
+    for junk in ("\\,", "\\!", "\\;", "$", " "):
+        s = s.replace(junk, "")
+    return s.rstrip(".")
+
+
+_SEPARATOR = re.compile(r"\s*(?:;|,(?!\d{3}(?!\d))|\\q?quad|\\lor|\\vee|\bor\b|\band\b)\s*")
+
+
+def alternatives(s: str) -> list[str]:
+    r"""``s`` split at its top-level separators (``,`` except a thousands comma, ``;``, ``or``, ``and``,
+    ``\lor``, ``\quad``); a bracketed tuple or set stays one part."""
+    s = unwrap(s)
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(s):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif depth == 0:
+            m = _SEPARATOR.match(s, i)
+            if m and m.end() > i and (i == 0 or m.start() >= start):
+                if s[start:i].strip():
+                    parts.append(s[start:i].strip())
+                start = m.end()
+    if s[start:].strip():
+        parts.append(s[start:].strip())
+    return parts
+
+
+def hedged(pred: str, gold: str) -> bool:
+    r"""Whether a boxed answer offers several different answers where ``gold`` is one: two or more different
+    option letters (``B or C``), or two or more different values (``x=4, x=3`` for 3: MATH-Vision's clean-up
+    keeps the last ``=`` part, so this read as 3). A gold answer that is itself a list is never hedged against."""
+    if len(named_letters(pred)) > 1 and choice_letter(gold, gold=True) is not None:
+        return True
+    parts = alternatives(pred)
+    if len(parts) < 2 or len(alternatives(gold)) > 1 or "\\pm" in gold or "\\mp" in gold:
+        return False  # one answer offered, or the gold is itself several (a list, 1 \pm \sqrt{2})
+    return len({option_key(p.split("=")[-1]) for p in parts}) > 1
 
 
 def text_key(s: str) -> str:
@@ -130,11 +176,12 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def chosen_option(pred: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a boxed answer names: the option whose text it spells (case and spaces aside), else
-    a letter in any usual wrapper (``B``, ``(b)``, ``B.``, ``(B) 15``; ``rewards.choice_letter``)."""
-    key = text_key(pred)
-    for letter, text in options.items():
-        if text_key(text) == key:
-            return letter
+    r"""The option letter a boxed answer names: the option whose text it spells (case, spaces, degree signs and
+    ``\dfrac`` aside: `option_key`), else a letter in any usual wrapper (``B``, ``(b)``, ``B.``, ``(B) 15``;
+    ``rewards.choice_letter``). A box naming several letters names none (no hedging)."""
+    key = option_key(pred)
+    matches = [letter for letter, text in options.items() if key and option_key(text) == key]
+    if len(matches) == 1:
+        return matches[0]
     named = choice_letter(pred)
     return named if named is not None and (not options or named in options) else None

@@ -37,12 +37,13 @@ from diva_lightning.data.schema import (
     QuestionRecord,
     RecordError,
     RowProblem,
+    decode_text,
     jsonl_rows,
 )
 
 logger = logging.getLogger(__name__)
 
-OnError = Literal["raise", "skip"]
+OnError = Literal["raise", "skip", "collect"]
 NativeRow = tuple[int, dict[str, Any] | None, str | None]  # (row number, row or None, syntax problem or None)
 
 
@@ -189,7 +190,7 @@ def place_single_image(text: str) -> str:
 # --------------------------------------------------------------------------------------------- native files
 def _json_rows(path: Path) -> Iterator[NativeRow]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(decode_text(path.read_bytes(), path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
     if isinstance(data, dict):  # MathVista's testmini.json: {pid: row}
@@ -242,9 +243,10 @@ class Benchmark:
 
     def read(self, path: str | Path, on_error: OnError = "raise") -> tuple[list[QuestionRecord], LoadReport]:
         """Read a native benchmark file into records; bad rows raise :class:`RecordError` listing every
-        problem (``on_error="raise"``) or are dropped and counted in the report (``"skip"``)."""
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        problem (``on_error="raise"``) or are dropped and counted in the report (``"skip"``: and logged;
+        ``"collect"``: not logged)."""
+        if on_error not in ("raise", "skip", "collect"):
+            raise ValueError(f"on_error must be 'raise', 'skip' or 'collect', got {on_error!r}")
         path = Path(path)
         report = LoadReport(path=str(path))
         kept: list[tuple[int, QuestionRecord]] = []
@@ -273,7 +275,7 @@ class Benchmark:
         report.loaded = len(records)
         if report.problems and on_error == "raise":
             raise RecordError(report.problems)
-        if report.skipped:
+        if report.skipped and on_error == "skip":  # "collect": the caller reports them
             logger.warning("%s", describe_load(self.name, report))
         return records, report
 

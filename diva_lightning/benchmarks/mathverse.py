@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import boxed_answer, chosen_option, inline_options
+from diva_lightning.benchmarks.answers import boxed_answer, chosen_option, hedged, inline_options
 from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by, place_single_image
 from diva_lightning.data.schema import QuestionRecord
 from diva_lightning.rewards import accuracy_reward, choice_letter
@@ -61,6 +61,9 @@ def score(record: QuestionRecord, response: str) -> float:
         pred = boxed_answer(response)
         gold = choice_letter(record.answer, gold=True)
         return float(pred is not None and chosen_option(pred, record.meta.get("choices") or {}) == gold)
+    pred = boxed_answer(response)
+    if pred is not None and hedged(pred, record.answer):
+        return 0.0  # several answers offered for one (issue 22)
     return accuracy_reward(response, record.answer)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import boxed_answer, latex_value, strip_degrees, unwrap
+from diva_lightning.benchmarks.answers import boxed_answer, hedged, latex_value, strip_degrees, unwrap
 from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by
 from diva_lightning.data.schema import IMAGE_TAG, QuestionRecord
 from diva_lightning.rewards import choice_letter
@@ -105,6 +105,9 @@ def score(record: QuestionRecord, response: str) -> float:
     if pred is None:
         return 0.0
     options = record.meta.get("options") or []
+    gold_text = options[_letters(len(options)).index(record.answer)] if options else record.answer
+    if hedged(pred, record.answer) or hedged(pred, gold_text):
+        return 0.0  # several answers offered for one (issue 22)
     if options:
         letters = _letters(len(options))
         named = choice_letter(pred)

@@ -32,9 +32,19 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import boxed_answer, levenshtein, parse_number, strip_degrees, text_key, unwrap
+from diva_lightning.benchmarks.answers import (
+    boxed_answer,
+    hedged,
+    levenshtein,
+    option_key,
+    parse_number,
+    strip_degrees,
+    text_key,
+    unwrap,
+)
 from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by, place_single_image
 from diva_lightning.data.schema import QuestionRecord
+from diva_lightning.rewards.accuracy import named_letters
 
 QUESTION_TYPES = ("multi_choice", "free_form")
 ANSWER_TYPES = ("text", "integer", "float", "list")
@@ -83,14 +93,22 @@ def convert(row: Row) -> QuestionRecord | None:
                           answer_type=answer_type, meta=meta)
 
 
-def _choice_text(pred: str, choices: Sequence[str]) -> str:
+def _choice_text(pred: str, choices: Sequence[str]) -> str | None:
+    """The choice a boxed answer picks: a letter, the choice's text (degree signs and LaTeX spacing aside:
+    ``50^\\circ`` picks ``50°``), else the nearest text by edit distance (the official fallback); None for a box
+    naming several letters (a hedge)."""
     s = unwrap(pred)
     letters = _letters(len(choices))
+    if len(named_letters(s)) > 1:
+        return None
     found = _PAREN_LETTER.findall(s)
     if found:
         s = found[0].upper()
     if s.rstrip(".") in letters:
         return choices[letters.index(s.rstrip("."))]
+    same = [c for c in choices if option_key(c) == option_key(s)]
+    if len(same) == 1:
+        return same[0]
     distances = [levenshtein(s, c) for c in choices]
     return choices[distances.index(min(distances))]
 
@@ -113,6 +131,8 @@ def score(record: QuestionRecord, response: str) -> float:
     if pred is None:
         return 0.0
     meta = record.meta
+    if meta["native_answer_type"] != "list" and hedged(pred, record.answer):
+        return 0.0  # several answers offered for one (issue 22)
     if meta["question_type"] == "multi_choice":
         return float(_choice_text(pred, meta["choices"]) == record.answer)
     kind, value = meta["native_answer_type"], _value_text(pred, meta.get("unit"))

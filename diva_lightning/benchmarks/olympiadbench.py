@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import boxed_answer
+from diva_lightning.benchmarks.answers import boxed_answer, hedged
 from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by
 from diva_lightning.benchmarks.olympiad_judge import DEFAULT_TOLERANCE, judge
 from diva_lightning.data.schema import IMAGE_TAG, ImageRef, QuestionRecord
@@ -132,6 +132,8 @@ def score(record: QuestionRecord, response: str) -> float:
     if pred is None:
         return 0.0
     meta = record.meta
+    if hedged(pred, meta["final_answer"][0]):
+        return 0.0  # several answers offered for one (issue 22)
     tolerances = meta.get("tolerances")
     if "Tuple" in meta["olympiad_answer_type"] or not tolerances:
         tolerances = [DEFAULT_TOLERANCE]

@@ -304,12 +304,12 @@ class DivaDataModule(pl.LightningDataModule):
         if source.benchmark is not None:
             from diva_lightning.benchmarks import get_benchmark
 
-            records, report = get_benchmark(source.benchmark).read(path, on_error="skip")
+            records, report = get_benchmark(source.benchmark).read(path, on_error="collect")
             records = self._check_images(records, report)
         else:
             # Every image is decoded and checked here, once, into the store; relative paths resolve against the
             # folder of their own file.
-            records, report = load_records_with_report(path, on_error="skip", images=self.images,
+            records, report = load_records_with_report(path, on_error="collect", images=self.images,
                                                        max_field_chars=self.max_field_chars)
         return records, report
 
@@ -356,10 +356,14 @@ class DivaDataModule(pl.LightningDataModule):
             if report is not None:
                 problems += report.problems
                 label = f"{split}/{name}" if name else split
-                log.info("DIVA data (%s): %s", label, report.summary())
-                if report.skipped:
-                    log.warning("DIVA data (%s): skipped %d bad rows (on_error=skip): %s", label, report.skipped,
-                                report.summary())
+                if not report.skipped:
+                    log.info("DIVA data (%s): %s", label, report.summary())
+                elif self.on_error == "skip":
+                    log.warning("DIVA data (%s): %s (on_error=skip); first problem: %s", label, report.summary(),
+                                report.problems[0] if report.problems else "-")
+                else:  # the RecordError below lists them
+                    log.info("DIVA data (%s): %s (on_error=raise: the run stops)", label,
+                             report.summary("rejected"))
         if problems and self.on_error == "raise":
             raise RecordError(problems)
         return loaded

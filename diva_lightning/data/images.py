@@ -32,15 +32,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from diva_lightning.data.schema import QuestionRecord
 
 MAX_IMAGE_PIXELS = 16 * 1024 * 1024
 """Default bound on width x height of one image (see the module docstring for the choice)."""
@@ -48,6 +45,45 @@ FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 """Formats we decode. Pillow knows more (EPS would run Ghostscript); a data file has no need for them."""
 
 ImageRef = str | bytes
+
+
+class HasImages(Protocol):
+    """What the store needs of a record (`diva_lightning.data.schema.QuestionRecord` has it; a protocol here keeps
+    schema -> images a one-way import)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def data_file(self) -> str | None: ...
+    @property
+    def images(self) -> Sequence[ImageRef]: ...
+
+
+BACKGROUND = (255, 255, 255)
+"""What transparent pixels show: white, as a page or a browser shows a transparent PNG (docs/data.md)."""
+MODES = {
+    "RGB": "as is",
+    "RGBX": "padding byte dropped",
+    "L": "grey copied to R, G and B",
+    "1": "black/white: 0 or 255 in every channel",
+    "P": "palette colours; a transparent palette entry is composited on white",
+    "PA": "palette colours, alpha composited on white",
+    "RGBA": "alpha composited on white",
+    "RGBa": "premultiplied alpha: un-premultiplied, then composited on white",
+    "LA": "grey with alpha: composited on white",
+    "La": "premultiplied grey with alpha: composited on white",
+    "CMYK": "converted to RGB (Pillow's conversion; Adobe-inverted CMYK JPEGs are decoded by Pillow)",
+    "YCbCr": "converted to RGB",
+    "I;16": "16-bit grey: 0..65535 scaled to 0..255 (not clipped)",
+    "I;16L": "as I;16",
+    "I;16B": "as I;16",
+    "I;16N": "as I;16",
+    "I": "32-bit integer grey, as a 16-bit PNG opens in older Pillow: 0..65535 scaled to 0..255; values outside "
+         "0..65535 are refused",
+    "F": "32-bit float grey: 0..1 scaled to 0..255; values outside 0..1 (or NaN) are refused",
+}
+"""Every Pillow mode a data image may have, and what it becomes (RGB uint8, as a viewer shows it). EXIF
+orientation is applied first, for every mode. Any other mode is refused when the file is loaded."""
 
 
 class ImageError(ValueError):
@@ -78,6 +114,38 @@ def read_ref(ref: ImageRef, base_dir: str | Path | None) -> bytes:
         raise ImageError(f"cannot read image file {path}: {e.strerror or e}") from None
 
 
+def _on_background(img: Image.Image) -> Image.Image:
+    """An image with alpha (any mode Pillow converts to RGBA) composited on :data:`BACKGROUND`."""
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """A decoded image as uint8 ``[H, W, 3]`` looking as a viewer shows it (see :data:`MODES`): EXIF orientation
+    applied, alpha composited on white, 16-bit and float grey scaled to 8 bits (Pillow's own conversion clips
+    them: a 16-bit PNG became all white). Raises :class:`ImageError` for a mode not in :data:`MODES`."""
+    img = ImageOps.exif_transpose(img) or img
+    mode = img.mode
+    if mode not in MODES:
+        raise ImageError(f"image mode {mode!r} is not supported; accepted modes: {', '.join(MODES)}")
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        grey = np.asarray(img).astype(np.float64)
+        if mode == "F":
+            lo, hi, top = 0.0, 1.0, 1.0
+        else:
+            lo, hi, top = 0, 65535, 65535.0
+        if grey.size and (not np.isfinite(grey).all() or grey.min() < lo or grey.max() > hi):
+            raise ImageError(f"{mode} image with values from {grey.min()} to {grey.max()}: outside {lo}..{hi}, "
+                             "no unambiguous way to show it")
+        level = np.rint(grey * (255.0 / top)).astype(np.uint8)
+        return np.repeat(level[:, :, None], 3, axis=2)
+    if mode == "La":
+        img = img.convert("LA")  # Pillow converts premultiplied grey only to LA
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in img.info)
+    rgb = _on_background(img) if has_alpha else img if mode == "RGB" else img.convert("RGB")
+    return np.asarray(rgb, dtype=np.uint8)
+
+
 def decode_bytes(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
     """Fully decode encoded image bytes to RGB uint8 ``[3, H, W]`` (contiguous), or raise :class:`ImageError`.
 
@@ -93,9 +161,11 @@ def decode_bytes(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Tensor:
                                  "(max_image_pixels)")
             if w == 0 or h == 0:
                 raise ImageError(f"image has no pixels ({w}x{h})")
+            if img.mode not in MODES:
+                raise ImageError(f"image mode {img.mode!r} ({img.format}) is not supported; accepted modes: "
+                                 f"{', '.join(MODES)} (docs/data.md)")
             img.load()  # the full decode: truncated or corrupt data raises here
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
-            pixels = np.asarray(rgb, dtype=np.uint8)  # [H, W, 3], one copy out of Pillow
+            pixels = to_rgb(img)  # [H, W, 3] uint8
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow refuses > 178,956,970 pixels before we see the size
@@ -168,7 +238,7 @@ def decode_all(jobs: Sequence[DecodeJob], *, max_pixels: int = MAX_IMAGE_PIXELS,
         yield from pool.map(lambda job: _run(job, max_pixels), jobs)
 
 
-def record_base_dir(record: QuestionRecord) -> Path | None:
+def record_base_dir(record: HasImages) -> Path | None:
     """The folder a record's relative image paths resolve against: its data file's, else the cwd."""
     return Path(record.data_file).parent if record.data_file else None
 
@@ -191,14 +261,14 @@ class ImageStore:
         self._images: dict[tuple[Any, ...], list[Tensor]] = {}
 
     @staticmethod
-    def key(record: QuestionRecord) -> tuple[Any, ...]:
+    def key(record: HasImages) -> tuple[Any, ...]:
         """(data file, id, the image references): records built in code (no data file, e.g. two benchmark
         readers' questions with the same id) are told apart by their images. Inline bytes enter by length and
         ``hash`` (CPython caches a bytes object's hash, so a repeated lookup does not rehash)."""
         refs = tuple(ref if isinstance(ref, str) else (len(ref), hash(ref)) for ref in record.images)
         return record.data_file, record.id, refs
 
-    def put(self, record: QuestionRecord, images: Sequence[Tensor]) -> None:
+    def put(self, record: HasImages, images: Sequence[Tensor]) -> None:
         """Keep a record's decoded uint8 images (one per entry of ``record.images``)."""
         if len(images) != len(record.images):
             raise ValueError(f"record {record.id!r}: {len(images)} decoded images for {len(record.images)} refs")
@@ -206,7 +276,7 @@ class ImageStore:
             raise ValueError(f"record {record.id!r}: images must be uint8 [3, H, W]")
         self._images[self.key(record)] = list(images)
 
-    def __contains__(self, record: QuestionRecord) -> bool:
+    def __contains__(self, record: HasImages) -> bool:
         return self.key(record) in self._images
 
     def __len__(self) -> int:
@@ -217,13 +287,13 @@ class ImageStore:
         """Memory held by the decoded pixels."""
         return sum(img.numel() for imgs in self._images.values() for img in imgs)
 
-    def sizes(self, record: QuestionRecord) -> list[tuple[int, int]]:
+    def sizes(self, record: HasImages) -> list[tuple[int, int]]:
         """(height, width) of each of the record's images (decoding them on the first request)."""
         if self.key(record) not in self._images:
             self.get(record)
         return [(int(img.shape[-2]), int(img.shape[-1])) for img in self._images[self.key(record)]]
 
-    def get(self, record: QuestionRecord) -> list[Tensor]:
+    def get(self, record: HasImages) -> list[Tensor]:
         """The record's images as float32 ``[3, H, W]`` in ``[0, 1]``, decoding them on the first request."""
         key = self.key(record)
         if key not in self._images:

@@ -82,7 +82,9 @@ META_TYPES: dict[str, tuple[type, str]] = {
 """Metadata fields with a fixed meaning, validated when present."""
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg", b"GIF8": "gif", b"BM": "bmp"}
 
-OnError = Literal["raise", "skip"]
+OnError = Literal["raise", "skip", "collect"]
+"""raise: any problem raises; skip: bad rows dropped and logged; collect: dropped, not logged (the caller reports
+them, e.g. the data module, which raises or warns for all its files at once)."""
 Bad = list[tuple[str, str]]
 
 
@@ -147,12 +149,13 @@ class LoadReport:
         per_row = {(p.row, p.field) for p in self.problems}
         return dict(sorted(Counter(f for _, f in per_row).items()))
 
-    def summary(self) -> str:
-        """One line: ``file: loaded 8 of 10 rows (12 images checked); skipped 2 (images: 1, answer: 1)``."""
+    def summary(self, verb: str = "skipped") -> str:
+        """One line: ``file: loaded 8 of 10 rows (12 images checked); skipped 2 (images: 1, answer: 1)``; ``verb``
+        says what happened to the bad rows ("rejected" when they stop the run)."""
         line = f"{self.path}: loaded {self.loaded} of {self.rows} rows ({self.images} images checked)"
         if self.skipped:
             reasons = ", ".join(f"{f}: {n}" for f, n in self.skipped_by_field().items())
-            line += f"; skipped {self.skipped} ({reasons})"
+            line += f"; {verb} {self.skipped} ({reasons})"
         return line
 
 
@@ -330,38 +333,87 @@ def record_from_row(row: dict[str, Any], base_dir: Path | None = None, *, inline
 Row = tuple[int, dict[str, Any] | None, str | None]
 
 
-def jsonl_rows(path: Path) -> Iterator[Row]:
-    """Yield (1-based line number, parsed object or None, problem or None); skips blank lines.
+# Byte-order marks of the encodings a text file is read in besides UTF-8 (UTF-32 first: its LE mark starts
+# with UTF-16's).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"), (codecs.BOM_UTF8, "utf-8-sig"))
 
-    Read as bytes so that a UTF-8 BOM, an invalid byte or an over-long line is a problem of one row.
-    """
+
+def bom_encoding(head: bytes) -> str | None:
+    """The encoding a file's byte-order mark names ("utf-16", "utf-32", "utf-8-sig"), or None."""
+    return next((name for bom, name in _BOMS if head.startswith(bom)), None)
+
+
+def decode_text(data: bytes, path: Path) -> str:
+    """A whole text file's content: UTF-8, or the UTF-16/32 (or UTF-8 with BOM) its byte-order mark names, read
+    as such (logged); a UTF-16 file without a mark is an error that says so (a bare decode error otherwise)."""
+    encoding = bom_encoding(data[:4])
+    if encoding in ("utf-16", "utf-32"):
+        logger.info("%s: read as %s (byte-order mark)", path, encoding.upper())
+    try:
+        return data.decode(encoding or "utf-8")
+    except UnicodeDecodeError as e:
+        if b"\x00" in data[:200]:
+            raise ValueError(f"{path}: looks UTF-16 encoded without a byte-order mark (NUL bytes); save it as "
+                             "UTF-8") from None
+        raise ValueError(f"{path}: not valid {(encoding or 'utf-8').upper()} (byte {e.start}: "
+                         f"{data[e.start:e.start + 4]!r})") from None
+
+
+def _lines(path: Path) -> Iterator[bytes | None]:
+    """The file's lines as UTF-8 bytes (None: a line over MAX_LINE_BYTES, left unread): read line by line for
+    UTF-8, decoded whole for UTF-16/32."""
     with path.open("rb") as f:
-        n = 0
+        encoding = bom_encoding(f.read(4))
+        f.seek(0)
+        if encoding in ("utf-16", "utf-32"):
+            for line in decode_text(f.read(), path).split("\n"):  # (JSON strings may hold U+2028)
+                data = line.encode("utf-8")
+                yield data if len(data) <= MAX_LINE_BYTES else None
+            return
         while raw := f.readline(MAX_LINE_BYTES + 1):
-            n += 1
             if len(raw) > MAX_LINE_BYTES:
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the line unread
                     raw = f.readline(1 << 20)
-                yield n, None, f"line is longer than {MAX_LINE_BYTES:,} bytes: not parsed"
+                yield None
                 continue
-            if n == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield n, None, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON: {e.msg} at column {e.colno}"
-                continue
-            if not isinstance(obj, dict):
-                yield n, None, f"expected a JSON object, got {_type_name(obj)}"
-            else:
-                yield n, obj, None
+            yield raw
+
+
+def jsonl_rows(path: Path) -> Iterator[Row]:
+    """Yield (1-based line number, parsed object or None, problem or None); skips blank lines.
+
+    Read as bytes so that a UTF-8 BOM, an invalid byte or an over-long line is a problem of one row. A file with
+    a UTF-16/32 byte-order mark is read in that encoding; UTF-16 without a mark is named as such (once, not as
+    one "invalid JSON" per line).
+    """
+    n = 0
+    for raw in _lines(path):
+        n += 1
+        if raw is None:
+            yield n, None, f"line is longer than {MAX_LINE_BYTES:,} bytes: not parsed"
+            continue
+        if n == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        if n == 1 and b"\x00" in raw:
+            yield n, None, "the file looks UTF-16 encoded without a byte-order mark (NUL bytes): save it as UTF-8"
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield n, None, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})"
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield n, None, f"invalid JSON: {e.msg} at column {e.colno}"
+            continue
+        if not isinstance(obj, dict):
+            yield n, None, f"expected a JSON object, got {_type_name(obj)}"
+        else:
+            yield n, obj, None
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
@@ -399,6 +451,7 @@ def load_records_with_report(
         path: the data file; relative image paths are resolved against its directory.
         on_error: ``"raise"``: any problem raises :class:`RecordError` listing all of them.
             ``"skip"``: bad rows are dropped, counted in the report and logged as one warning.
+            ``"collect"``: as skip, without the warning (the caller reports the problems).
         inline_images: replace path images by their bytes (records no longer depend on the directory).
         images: keep the decoded pixels of the loaded records here (keyed by data file and id).
         max_image_pixels: bound on width x height per image (default: the store's, else
@@ -409,8 +462,8 @@ def load_records_with_report(
     Returns:
         The valid records in file order (each with ``data_file`` set) and a :class:`LoadReport`.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_error not in ("raise", "skip", "collect"):
+        raise ValueError(f"on_error must be 'raise', 'skip' or 'collect', got {on_error!r}")
     if max_field_chars < 1:
         raise ValueError(f"max_field_chars must be >= 1, got {max_field_chars}")
     if max_image_pixels is None:
@@ -470,7 +523,7 @@ def load_records_with_report(
 
     if report.problems and on_error == "raise":
         raise RecordError(report.problems)
-    if report.skipped:
+    if report.skipped and on_error == "skip":
         logger.warning("%s; first problem: %s", report.summary(), report.problems[0])
     return records, report
 

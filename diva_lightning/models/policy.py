@@ -10,6 +10,7 @@ processor, hence torchvision, which the CPU stack cannot have; see stack-notes.m
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -180,6 +181,40 @@ class PolicyBundle:
         return out
 
 
+def check_policy_folder(folder: Path) -> None:
+    """Raise naming ``folder`` and what it lacks when it is not a whole checkpoint (model config, weights with
+    every shard its index lists, tokenizer, image processor): an empty folder used to fail in transformers with
+    "Couldn't instantiate the backend tokenizer ... install sentencepiece", naming neither the folder nor the gap."""
+    names = {p.name for p in folder.iterdir()}
+    if not names:
+        raise FileNotFoundError(f"policy folder {folder} is empty: expected a checkpoint (config.json, "
+                                "model.safetensors, tokenizer.json, preprocessor_config.json), e.g. the policy/ "
+                                "folder a run exports or a Qwen2.5-VL download")
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json (the model config)")
+    indexes = sorted(n for n in names if n.endswith((".safetensors.index.json", ".bin.index.json")))
+    if indexes:
+        for index in indexes:
+            try:
+                shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, AttributeError) as err:
+                missing.append(f"a readable {index} ({type(err).__name__}: {err})")
+                continue
+            absent = sorted(shards - names)
+            if absent:
+                missing.append(f"weight shard(s) {', '.join(absent)} listed in {index}")
+    elif not any(n.endswith(".safetensors") or n == "pytorch_model.bin" for n in names):
+        missing.append("the weights (model.safetensors, sharded *.safetensors with their index, or pytorch_model.bin)")
+    if not ("tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names or "tokenizer.model" in names):
+        missing.append("the tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+    if not names & {"preprocessor_config.json", "processor_config.json"}:
+        missing.append("the image processor settings (preprocessor_config.json)")
+    if missing:
+        raise FileNotFoundError(f"policy folder {folder} is incomplete: missing " + "; ".join(missing)
+                                + f" (found: {', '.join(sorted(names)[:12])}{' ...' if len(names) > 12 else ''})")
+
+
 def resolve_policy_source(path_or_hub_id: str | Path) -> tuple[str, bool]:
     """(source, is_local) for ``from_pretrained``; raises naming the path when nothing can be loaded.
 
@@ -191,6 +226,7 @@ def resolve_policy_source(path_or_hub_id: str | Path) -> tuple[str, bool]:
     raw = str(path_or_hub_id)
     local = Path(raw).expanduser()
     if local.is_dir():
+        check_policy_folder(local)
         return str(local), True
     looks_like_path = isinstance(path_or_hub_id, Path) or raw.startswith(("/", ".", "~")) or raw.count("/") != 1
     if looks_like_path or not all(raw.split("/")):

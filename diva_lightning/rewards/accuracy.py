@@ -11,6 +11,9 @@ Rules (design.md section 2.4):
   must then name one letter in any of those forms, case-insensitively (``(b)`` counts as B: models
   often lower-case), optionally followed by the option text (``(C) 15`` is C). Letters are compared as
   strings; math-verify is not consulted, so ``B`` never equals a symbol ``b`` in an expression.
+- No hedging (issue 22): a box that names two or more different letters (``B or A``, ``B and C``,
+  ``B, C``, ``(B)(C)``, ``(C) 15 or (D) 20``) names no choice and scores 0.0 (otherwise a policy learns to
+  list letters and collects the reward of each). The same letter twice (``B or b``) is one answer.
 - Words: when the gold answer is a plain word or phrase (two or more letters, spaces, hyphens,
   apostrophes; e.g. ``yes``, ``right triangle``), the box must spell it, ignoring case, whitespace,
   ``\text{}`` wrappers and a final period. math-verify would read a word as a product of symbols and
@@ -102,12 +105,30 @@ def _word_key(s: str) -> str:
 def choice_letter(s: str, *, gold: bool = False) -> str | None:
     """The option letter (upper case) that ``s`` names, or None.
 
+    A response naming several different letters (a hedge) names none: None.
     ``gold=True`` is the strict test for an answer key (one capital letter, no option text), so that an
     answer like ``x`` or ``a`` stays a math answer.
     """
     s = _strip_wrappers(s)
     m = (_GOLD_CHOICE if gold else _CHOICE).match(s)
-    return m.group(1).upper() if m else None
+    if m is None or (not gold and len(named_letters(s)) > 1):
+        return None  # no letter, or a hedge naming several
+    return m.group(1).upper()
+
+
+# Further letters a box names besides its leading choice: any parenthesised letter, a capital standing alone,
+# or a lower-case letter right after a connector (``b or c``, ``b/c``).
+_OTHER_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)|(?<![A-Za-z0-9\\])([A-Z])(?![A-Za-z0-9])"
+                           r"|(?:[,;/&]|\bor\b|\band\b)\s*([a-z])(?![A-Za-z0-9])")
+
+
+def named_letters(s: str) -> set[str]:
+    """Every option letter (upper case) that ``s`` names: its leading choice and any other letter it lists."""
+    s = _strip_wrappers(s)
+    m = _CHOICE.match(s)
+    letters = {m.group(1).upper()} if m else set()
+    letters.update((a or b or c).upper() for a, b, c in _OTHER_LETTER.findall(s))
+    return letters
 
 
 @lru_cache(maxsize=8192)

@@ -104,3 +104,31 @@ def test_load_policy_never_guesses_a_hub_id_for_a_path(tmp_path: Path) -> None:
     for missing in (tmp_path / "nope", str(tmp_path / "nope"), "./nope", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
             load_policy(missing)
+
+
+def test_an_empty_or_incomplete_policy_folder_is_named_with_what_is_missing(tmp_path: Path,
+                                                                            tiny_policy_dir: str) -> None:
+    """Issue 22: an empty folder failed inside transformers ("install sentencepiece or tiktoken")."""
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"policy folder {empty} is empty: expected a checkpoint"):
+        load_policy(empty)
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_policy_dir, partial)
+    (partial / "tokenizer.json").unlink()
+    (partial / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        load_policy(partial)
+    assert str(info.value).startswith(f"policy folder {partial} is incomplete: missing the tokenizer (tokenizer.json, "
+                                      "or vocab.json + merges.txt); the image processor settings "
+                                      "(preprocessor_config.json) (found: ")
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_policy_dir, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    with pytest.raises(FileNotFoundError, match=r"missing weight shard\(s\) model-00002-of-00002.safetensors listed "
+                                                r"in model.safetensors.index.json"):
+        load_policy(sharded)

@@ -118,3 +118,14 @@ def test_grading_from_thread_pool_matches_main_thread() -> None:
         got = list(pool.map(grade, cases))
     assert got == expected
     assert threading.main_thread().name not in seen_threads
+
+
+@pytest.mark.parametrize(("boxed", "gold", "expected"), [
+    ("B or A", "B", 0.0), ("B and C", "B", 0.0), ("B, C", "B", 0.0), ("(B)(C)", "B", 0.0), ("b/c", "B", 0.0),
+    ("(C) 15 or (B) 20", "B", 0.0), ("b or c", "B", 0.0), ("B \\text{ or } C", "B", 0.0),
+    ("B or b", "B", 1.0), ("(B) 15", "B", 1.0), ("B. 30°", "B", 1.0), ("(B) x+y", "B", 1.0), ("(b)", "B", 1.0),
+    ("3 or 4", "3", 0.0), ("x = 3, x = 4", "3", 0.0), ("3 \\lor 4", "3", 0.0), ("yes or no", "yes", 0.0),
+])
+def test_a_hedged_answer_scores_zero(boxed: str, gold: str, expected: float) -> None:
+    """Issue 22: listing two letters used to collect the reward of each (a reward-hacking hole in RL)."""
+    assert accuracy_reward(f"<think>r</think> \\boxed{{{boxed}}}", gold) == expected
