@@ -499,36 +499,48 @@ def packed_logprobs(
     for p in distinct:
         g = None if grid is None or n_img[p] == 0 else grid[img_start[p] : img_start[p] + int(n_img[p])]
         prompt_pos[p] = _prompt_positions(inner, prompt_ids[p], g, image_token_id).to(device)
-    seqs, pos3, pos1, keep, row_images, row_grids = [], [], [], [], [], []
-    offset = 0
+    seqs, pos3 = [], []
     for i, p in enumerate(rows):
         ids, k = prompt_ids[p].to(device), int(lengths[i])
         seqs.append(torch.cat([ids, completion_ids[i, :k]]))
         start = prompt_pos[p].max() + 1 if prompt_pos[p].numel() else torch.tensor(0, device=device)
         pos3.append(torch.cat([prompt_pos[p], (start + torch.arange(k, device=device)).expand(3, -1)], dim=1))
-        pos1.append(torch.arange(ids.shape[0] + k, device=device))
-        keep.append(offset + ids.shape[0] - 1 + torch.arange(k, device=device))
-        offset += ids.shape[0] + k if pack else 0
-        for j in range(img_start[p], img_start[p] + int(n_img[p])):
-            row_images.append(feats[j])
-            row_grids.append(grid[j])  # type: ignore[index]
-    targets = completion_ids[mask]  # [K] in row-major order: row 0's tokens first
+    sizes = [int(seq.shape[0]) for seq in seqs]
+    width = max(sizes)
+    # rows of the forward: packed, each row holds whole sequences up to the longest one's length (first fit,
+    # longest first), so attention (quadratic in a row's length under sdpa's dense mask) stays that of the longest
+    # sequence; unpacked, one sequence per row, right-padded
+    bins = _first_fit(sizes, width) if pack else [[i] for i in range(n)]
+    ids = torch.full((len(bins), width), int(getattr(cfg, "pad_token_id", None) or 0), dtype=torch.long,
+                     device=device)
+    pos = torch.zeros((4, len(bins), width), dtype=torch.long, device=device)
+    att = torch.zeros((len(bins), width), dtype=torch.long, device=device)
+    where = [0] * n  # flat position of each sequence's first token
+    row_images, row_grids = [], []
+    for b, members in enumerate(bins):
+        used = 0
+        for i in members:
+            size = sizes[i]
+            ids[b, used : used + size], pos[1:, b, used : used + size] = seqs[i], pos3[i]
+            pos[0, b, used : used + size] = torch.arange(size, device=device)
+            att[b, used : used + size] = 1
+            where[i] = b * width + used
+            used += size
+            p = rows[i]
+            for j in range(img_start[p], img_start[p] + int(n_img[p])):  # image features in the forward's order
+                row_images.append(feats[j])
+                row_grids.append(grid[j])  # type: ignore[index]
+        # the tail is a segment of its own (positions restart at 0): it attends to nothing real and is never scored
+        pos[0, b, used:] = torch.arange(width - used, device=device)
+    flat_keep = torch.cat([where[i] + sizes[i] - int(lengths[i]) - 1 + torch.arange(int(lengths[i]), device=device)
+                           for i in range(n)])
+    targets = completion_ids[mask]  # [K] in row-major order: row 0's tokens first, as flat_keep
 
-    inputs: dict[str, object] = {}
-    if pack:
-        inputs["input_ids"] = torch.cat(seqs)[None]
-        inputs["position_ids"] = torch.cat([torch.cat(pos1)[None], torch.cat(pos3, dim=1)], dim=0)[:, None]
-        flat_keep = torch.cat(keep)
+    inputs: dict[str, object] = {"input_ids": ids}
+    if pack:  # text positions first: transformers builds the block-causal mask (cu_seqlens under flash-attention)
+        inputs["position_ids"] = pos
     else:
-        width = max(s.shape[0] for s in seqs)
-        pad = int(getattr(cfg, "pad_token_id", None) or 0)
-        ids = torch.full((n, width), pad, dtype=torch.long, device=device)
-        att = torch.zeros((n, width), dtype=torch.long, device=device)
-        pos = torch.zeros((3, n, width), dtype=torch.long, device=device)
-        for i, s in enumerate(seqs):
-            ids[i, : s.shape[0]], att[i, : s.shape[0]], pos[:, i, : s.shape[0]] = s, 1, pos3[i]
-        inputs.update(input_ids=ids, attention_mask=att, position_ids=pos)
-        flat_keep = torch.cat([i * width + kp for i, kp in enumerate(keep)])
+        inputs.update(attention_mask=att, position_ids=pos[1:])
     if row_images:
         embeds = torch.cat(row_images, dim=0)
         inputs["image_grid_thw"] = torch.stack(row_grids)
@@ -565,6 +577,22 @@ def packed_logprobs(
     if ent_flat is not None:
         ent = torch.zeros((n, t), dtype=ent_flat.dtype, device=device).masked_scatter(mask, ent_flat)
     return logp, ent
+
+
+def _first_fit(sizes: list[int], width: int) -> list[list[int]]:
+    """Sequence indices per row: longest first, each into the first row with room left (first-fit decreasing)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for r, room in enumerate(free):
+            if room >= sizes[i]:
+                rows[r].append(i)
+                free[r] -= sizes[i]
+                break
+        else:
+            rows.append([i])
+            free.append(width - sizes[i])
+    return rows
 
 
 def step_images(model: torch.nn.Module, prompt_inputs: Mapping[str, torch.Tensor], *, sync_vision: bool = False

@@ -15,6 +15,7 @@ from torch import Tensor
 from diva_lightning.data.schema import decode_image
 from diva_lightning.data.world import generate_world
 from diva_lightning.models.logprobs import (
+    _first_fit,
     completion_logprobs,
     packed_logprobs,
     sequence_lengths,
@@ -31,7 +32,7 @@ G = 3
 
 @pytest.fixture(scope="module")
 def setup(tiny_policy_dir: str) -> tuple[PolicyBundle, dict[str, Tensor], object]:
-    """3 prompts (the middle one text-only) x G responses; lengths cut to 1 .. T so that padding would show."""
+    """3 prompts (the middle one text-only) x G responses of 1 .. 200 tokens, so that padding would show."""
     bundle = load_policy(tiny_policy_dir)
     records = generate_world(3, seed=0, split="train")
     problems = [r.problem for r in records]
@@ -39,8 +40,10 @@ def setup(tiny_policy_dir: str) -> tuple[PolicyBundle, dict[str, Tensor], object
     problems[1], images[1] = problems[1].replace("<image>", ""), []
     inputs = bundle.encode(problems, images)
     roll = HFGenerateEngine().generate(bundle, inputs, num_generations=G, max_new_tokens=10, seed=0)
-    lengths = torch.tensor([10, 3, 7, 1, 9, 5, 2, 10, 4])
-    roll.completion_mask = (torch.arange(10)[None] < lengths[:, None]).long()
+    # one long response (sampled tokens repeated to 200): packing then puts several short ones in one row
+    roll.completion_ids = roll.completion_ids.repeat(1, 20)
+    lengths = torch.tensor([200, 3, 7, 1, 9, 5, 2, 10, 4])
+    roll.completion_mask = (torch.arange(200)[None] < lengths[:, None]).long()
     return bundle, inputs, roll
 
 
@@ -70,6 +73,15 @@ def test_packed_scores_and_gradients_equal_the_padded_path(setup: tuple, pack: b
     torch.testing.assert_close(ent, ref_ent, atol=2e-6, rtol=1e-5)
     assert torch.equal(logp == 0, roll.completion_mask == 0)  # 0 exactly where nothing was scored
     _assert_close(_grads(model), want)
+
+
+def test_packing_puts_short_sequences_in_one_row(setup: tuple) -> None:
+    _, inputs, roll = setup
+    sizes = sequence_lengths(inputs, roll.prompt_index, roll.completion_mask).tolist()
+    rows = _first_fit(sizes, max(sizes))
+    assert sorted(i for r in rows for i in r) == list(range(len(sizes)))
+    assert all(sum(sizes[i] for i in r) <= max(sizes) for r in rows)
+    assert len(rows) < len(sizes)  # several sequences share a row: the equality test above covers packed rows
 
 
 def test_step_images_and_the_dummy_image_change_nothing(setup: tuple) -> None:
@@ -170,7 +182,7 @@ def test_token_budget_update_equals_one_padded_forward(setup: tuple, agg: str, r
     ref_hooks = Recorder(bundle, inputs, roll, packed=False)
     want = PPOUpdate(loss, max_len=max_len).run(_batch(inputs, roll), ref_hooks, generator=torch.Generator())
     hooks = Recorder(bundle, inputs, roll, packed=True)
-    budget = 300  # two or three responses per forward (sequences are 94-129 tokens here)
+    budget = 300  # two or three responses per forward (sequences are 94-129 tokens here, one 312)
     got = PPOUpdate(loss, max_len=max_len, max_tokens_per_micro_batch=budget).run(
         _batch(inputs, roll), hooks, generator=torch.Generator())
     assert len(ref_hooks.forwards) == 1 and len(hooks.forwards) > 2 and max(map(len, hooks.forwards)) > 1
