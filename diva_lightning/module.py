@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -479,8 +480,11 @@ class DivaGRPOModule(pl.LightningModule):
         index = roll.prompt_index.to(self.device)[rows]
         temperature = max(self.train_sampling.temperature, 1e-5)
         if self.policy_cfg.padding_free:  # packed, each distinct image once, a dummy image keeps FSDP ranks in step
+            # flash-attention's varlen kernels attend within each sequence only: everything in one row, no pad
+            one_row = (self.policy_cfg.attn_implementation or "").startswith("flash")
             return packed_logprobs(model, inputs, ids, mask, prompt_index=index, temperature=temperature,
-                                   with_entropy=entropy, sync_vision=self.sharded, images=images)
+                                   with_entropy=entropy, sync_vision=self.sharded, images=images,
+                                   pack_width=sys.maxsize if one_row else None)
         return completion_logprobs(model, inputs, ids, mask, prompt_index=index, temperature=temperature,
                                    with_entropy=entropy)
 

@@ -437,6 +437,7 @@ def packed_logprobs(
     with_entropy: bool = False,
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     pack: bool = True,
+    pack_width: int | None = None,
     sync_vision: bool = False,
     images: StepImages | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -453,6 +454,10 @@ def packed_logprobs(
     Args:
         prompt_index: [N] prompt row of each response.
         completion_mask: [N, T] 1 on the first k_i positions of each row, 0 after (the rollout's form).
+        pack_width: with ``pack``, a row holds sequences up to ``max(pack_width, longest sequence)`` tokens; None:
+            the longest sequence (sdpa / eager build a dense mask per row and attend across it, so a row longer
+            than that costs attention; flash-attention's varlen kernels do not: pass a large width, e.g. the token
+            budget, to pack everything into one row with no padded position at all).
         sync_vision: run the vision tower on a dummy image (contributing zero) when this call has no image, so that
             every rank of a sharded model runs the same units in the same order (FSDP2 collectives).
         images: the step's vision features (:class:`StepImages`, no-grad passes), or None to encode here.
@@ -506,11 +511,12 @@ def packed_logprobs(
         start = prompt_pos[p].max() + 1 if prompt_pos[p].numel() else torch.tensor(0, device=device)
         pos3.append(torch.cat([prompt_pos[p], (start + torch.arange(k, device=device)).expand(3, -1)], dim=1))
     sizes = [int(seq.shape[0]) for seq in seqs]
-    width = max(sizes)
-    # rows of the forward: packed, each row holds whole sequences up to the longest one's length (first fit,
-    # longest first), so attention (quadratic in a row's length under sdpa's dense mask) stays that of the longest
-    # sequence; unpacked, one sequence per row, right-padded
+    width = max(max(sizes), pack_width or 0) if pack else max(sizes)
+    # rows of the forward: packed, each row holds whole sequences up to `width` tokens (first fit, longest first;
+    # by default the longest sequence's length, so that attention, quadratic in a row's length under sdpa's dense
+    # mask, stays that of the longest sequence); unpacked, one sequence per row, right-padded
     bins = _first_fit(sizes, width) if pack else [[i] for i in range(n)]
+    width = max(sum(sizes[i] for i in members) for members in bins)  # no row is longer than its sequences
     ids = torch.full((len(bins), width), int(getattr(cfg, "pad_token_id", None) or 0), dtype=torch.long,
                      device=device)
     pos = torch.zeros((4, len(bins), width), dtype=torch.long, device=device)

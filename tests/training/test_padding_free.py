@@ -59,15 +59,17 @@ def _assert_close(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
         torch.testing.assert_close(a[name], b[name], atol=2e-6, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("pack", [True, False])
-def test_packed_scores_and_gradients_equal_the_padded_path(setup: tuple, pack: bool) -> None:
+@pytest.mark.parametrize(("pack", "width"), [(True, None), (True, 1 << 30), (False, None)])
+def test_packed_scores_and_gradients_equal_the_padded_path(setup: tuple, pack: bool, width: int | None) -> None:
+    """Packed rows of the longest sequence, everything in one row (flash-attention's layout), or right-padded."""
     bundle, inputs, roll = setup
     model = bundle.model
     kw = {"prompt_index": roll.prompt_index, "with_entropy": True, "temperature": 0.7}
     ref, ref_ent = completion_logprobs(model, inputs, roll.completion_ids, roll.completion_mask, **kw)
     (ref.sum() + ref_ent.sum()).backward()
     want = _grads(model)
-    logp, ent = packed_logprobs(model, inputs, roll.completion_ids, roll.completion_mask, pack=pack, **kw)
+    logp, ent = packed_logprobs(model, inputs, roll.completion_ids, roll.completion_mask, pack=pack,
+                                pack_width=width, **kw)
     (logp.sum() + ent.sum()).backward()
     torch.testing.assert_close(logp, ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(ent, ref_ent, atol=2e-6, rtol=1e-5)
