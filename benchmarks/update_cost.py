@@ -12,7 +12,9 @@ One process, the embedded policy (``policy: embedded``), two length distribution
 For each, side by side in one run, **before** (the padded path: ``completion_logprobs``, prompts left-padded,
 completions padded to the rollout's longest, micro-batches of ``micro_batch_size`` = 40 responses, each response's
 image repeated) and **after** (``packed_logprobs``: real tokens only, packed per micro-batch of at most ``--budget``
-tokens, each distinct image encoded once per forward; no-grad passes share the step's image features):
+tokens, each distinct image encoded once per forward; no-grad passes share the step's image features), in two
+layouts: rows of the longest sequence (the default under sdpa/eager) and one row per forward (the default under
+flash-attention; on CPU sdpa computes attention across the whole row):
 
 - scored positions / real tokens: positions the decoder computed (a hook on the language model's input) over the
   real tokens (prompt without padding + completion through EOS) of the step;
@@ -20,7 +22,8 @@ tokens, each distinct image encoded once per forward; no-grad passes share the s
   rows, for generation (embedded default only: the lengths of the long tail are synthetic), the update, and the
   no-grad re-score an engine with its own weights needs (item 5);
 - wall time of the update (one optimizer step's forwards and backwards, no optimizer) and of the re-score, medians
-  over ``--repeats``; and the largest difference of loss statistics and gradients between the two paths.
+  over ``--repeats`` rounds that interleave the paths; and the largest difference of loss statistics, gradients and
+  re-scored log-probs between the padded path and each packed one.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,15 +142,6 @@ class Hooks:
         return value
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 def _rescore(model: torch.nn.Module, inputs: dict[str, Tensor], roll: Rollout, packed: bool, budget: int,
              pack_width: int | None = None) -> Tensor:
     """The no-grad pass that re-scores old log-probs (an engine with its own weights), micro-batched as the module."""
@@ -189,27 +182,35 @@ def measure(name: str, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: Ro
                            "distinct_patch_rows": distinct,
                            "mean_completion": float(roll.completion_mask.sum(1).float().mean()),
                            "max_completion": int(roll.completion_mask.sum(1).max())}
-    results = {}
-    for label, packed, width in VARIANTS:
+    results: dict[str, dict[str, Any]] = {}
+    runs = {}
+    for label, packed, width in VARIANTS:  # one step each: the counts, and a warm-up
         update = PPOUpdate(LossConfig(), micro_batch_size=None if packed else MICRO,
                            max_tokens_per_micro_batch=budget if packed else None, max_len=roll.completion_ids.shape[1])
         hooks = Hooks(model, inputs, roll, packed, width)
         counter.take()
-        update.run(_batch(inputs, roll), hooks, generator=torch.Generator())  # warm-up, and the counts of one step
+        stats = update.run(_batch(inputs, roll), hooks, generator=torch.Generator())
         positions, rows = counter.take()
-        forwards = hooks.forwards
-        secs, stats = _timed(lambda u=update, h=hooks: u.run(_batch(inputs, roll), h, generator=torch.Generator()),
-                             repeats)
-        counter.take()
-        _rescore(model, inputs, roll, packed, budget, width)
+        rescored = _rescore(model, inputs, roll, packed, budget, width)
         _, rescore_rows = counter.take()
-        rescore_secs, rescored = _timed(lambda p=packed, w=width: _rescore(model, inputs, roll, p, budget, w), repeats)
         results[label] = {"stats": stats, "grads": hooks.grads, "rescored": rescored}
         out[label] = {"positions_per_real_token": positions / real, "update_patch_rows_per_distinct": rows / distinct,
-                      "rescore_patch_rows_per_distinct": rescore_rows / distinct, "update_s": secs,
-                      "rescore_s": rescore_secs, "forwards": forwards}
+                      "rescore_patch_rows_per_distinct": rescore_rows / distinct, "forwards": hooks.forwards,
+                      "update_times": [], "rescore_times": []}
         if generation is not None:
             out[label]["generation_patch_rows_per_distinct"] = generation["after" if packed else "before"] / distinct
+        runs[label] = (update, hooks, packed, width)
+    for _ in range(repeats):  # timed rounds interleave the paths, so load drift on a shared machine hits all alike
+        for label, (update, hooks, packed, width) in runs.items():
+            t = time.perf_counter()
+            update.run(_batch(inputs, roll), hooks, generator=torch.Generator())
+            out[label]["update_times"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            _rescore(model, inputs, roll, packed, budget, width)
+            out[label]["rescore_times"].append(time.perf_counter() - t)
+    for label in runs:
+        out[label]["update_s"] = statistics.median(out[label]["update_times"])
+        out[label]["rescore_s"] = statistics.median(out[label]["rescore_times"])
     counter.close()
     b = results["before"]
     after = [results[label] for label, packed, _ in VARIANTS if packed]
