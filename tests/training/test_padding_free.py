@@ -54,9 +54,11 @@ def _grads(model: torch.nn.Module) -> dict[str, Tensor]:
 
 
 def _assert_close(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    """Equal up to float32 summation order: within 1e-5 of each tensor's largest entry (measured: ~1e-6)."""
     assert a.keys() == b.keys() and a
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=2e-6, rtol=1e-4, msg=name)
+        scale = float(b[name].abs().max())
+        assert float((a[name] - b[name]).abs().max()) <= 1e-5 * scale + 1e-9, name
 
 
 @pytest.mark.parametrize(("pack", "width"), [(True, None), (True, 1 << 30), (False, None)])
