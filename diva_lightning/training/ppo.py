@@ -205,22 +205,30 @@ class PPOUpdate:
 def token_budget_partition(rows: list[int], batch: UpdateBatch, max_tokens: int, max_rows: int,
                            max_over_ranks: Callable[[int], int]) -> list[list[int]]:
     """Micro-batches of ``rows`` holding at most ``max_tokens`` real tokens (packed: no padding) and ``max_rows``
-    rows each, as many on every rank (see ``PPOUpdate.micro_batches``)."""
+    rows each, as many on every rank (see ``PPOUpdate.micro_batches``). A prompt's responses are split over two
+    micro-batches only when they do not fit in one: its image is then encoded once in the update."""
     if batch.seq_lens is None:
         raise ValueError("a token budget (max_tokens_per_micro_batch) needs UpdateBatch.seq_lens")
     lens = batch.seq_lens.tolist()
     groups = batch.groups.tolist() if batch.groups is not None else list(range(len(lens)))
-    order = sorted(rows, key=lambda r: (groups[r], r))
-    parts: list[list[int]] = []
+    by_group: dict[int, list[int]] = {}
+    for r in sorted(rows, key=lambda r: (groups[r], r)):
+        by_group.setdefault(groups[r], []).append(r)
+    parts: list[list[int]] = [[]]
     used = 0
-    for r in order:
-        if parts and parts[-1] and (used + lens[r] > max_tokens or len(parts[-1]) >= max_rows):
+    for members in by_group.values():
+        size = sum(lens[r] for r in members)
+        # a prompt's responses that fit in a fresh micro-batch but not in this one start the next: not split
+        if parts[-1] and (used + size > max_tokens or len(parts[-1]) + len(members) > max_rows) \
+                and size <= max_tokens and len(members) <= max_rows:
             parts.append([])
             used = 0
-        if not parts:
-            parts.append([])
-        parts[-1].append(r)
-        used += lens[r]
+        for r in members:
+            if parts[-1] and (used + lens[r] > max_tokens or len(parts[-1]) >= max_rows):
+                parts.append([])
+                used = 0
+            parts[-1].append(r)
+            used += lens[r]
     wanted = max_over_ranks(len(parts))
     if wanted > len(rows):
         raise ValueError(f"another rank needs {wanted} micro-batches but this one has only {len(rows)} responses in "
