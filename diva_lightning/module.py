@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,7 +54,13 @@ from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch, merge_families
 from diva_lightning.evaluation import EvalRun, SourceResult, log_values, sources_of
 from diva_lightning.models.embedded import EMBEDDED
-from diva_lightning.models.logprobs import completion_logprobs
+from diva_lightning.models.logprobs import (
+    StepImages,
+    completion_logprobs,
+    packed_logprobs,
+    sequence_lengths,
+    step_images,
+)
 from diva_lightning.models.lora import apply_lora, is_lora, lora_scale, merge_lora_state_dict
 from diva_lightning.models.policy import (
     PolicyBundle,
@@ -164,7 +171,8 @@ class DivaGRPOModule(pl.LightningModule):
             problems.append(f"lr must be > 0 and grad_clip >= 0, got {lr}, {grad_clip}")
         try:
             self.update = PPOUpdate(self.loss_cfg, epochs=ppo_epochs, mini_batch_size=mini_batch_size,
-                                    micro_batch_size=micro_batch_size, max_len=self.train_sampling.max_new_tokens)
+                                    micro_batch_size=micro_batch_size, max_len=self.train_sampling.max_new_tokens,
+                                    max_tokens_per_micro_batch=self.policy_cfg.max_tokens_per_micro_batch)
         except ValueError as err:
             problems.extend(p for p in str(err).split("; ") if p not in problems)
         if problems:
@@ -488,19 +496,41 @@ class DivaGRPOModule(pl.LightningModule):
         self.rollouts_generated = int(checkpoint.get("diva_rollouts_generated", 0))
 
     def _score(self, model: torch.nn.Module, inputs: dict[str, Tensor], roll: Any, rows: list[int], *,
-               entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+               entropy: bool = False, images: StepImages | None = None) -> tuple[Tensor, Tensor | None]:
         ids = roll.completion_ids.to(self.device)[rows]
         mask = roll.completion_mask.to(self.device)[rows]
         index = roll.prompt_index.to(self.device)[rows]
-        return completion_logprobs(model, inputs, ids, mask, prompt_index=index,
-                                   temperature=max(self.train_sampling.temperature, 1e-5), with_entropy=entropy)
+        temperature = max(self.train_sampling.temperature, 1e-5)
+        if self.policy_cfg.padding_free:  # packed, each distinct image once, a dummy image keeps FSDP ranks in step
+            # flash-attention's varlen kernels attend within each sequence only: everything in one row, no pad
+            one_row = (self.policy_cfg.attn_implementation or "").startswith("flash")
+            return packed_logprobs(model, inputs, ids, mask, prompt_index=index, temperature=temperature,
+                                   with_entropy=entropy, sync_vision=self.sharded, images=images,
+                                   pack_width=sys.maxsize if one_row else None)
+        return completion_logprobs(model, inputs, ids, mask, prompt_index=index, temperature=temperature,
+                                   with_entropy=entropy)
+
+    def _layout(self, inputs: dict[str, Tensor], roll: Any) -> dict[str, Tensor]:
+        """Each response's real token count and prompt: what a token-budget micro-batch is formed from."""
+        index = roll.prompt_index.to(self.device)
+        return {"seq_lens": sequence_lengths(inputs, index, roll.completion_mask.to(self.device)), "groups": index}
 
     @torch.no_grad()
     def _score_all(self, model: torch.nn.Module, inputs: dict[str, Tensor], roll: Any) -> Tensor:
         n = roll.num_responses
-        step = self.update.micro_batch_size or self.update.mini_batch_size or n
-        return torch.cat([self._score(model, inputs, roll, list(range(s, min(s + step, n))))[0]
-                          for s in range(0, n, step)])
+        if self.update.max_tokens is None:
+            step = self.update.micro_batch_size or self.update.mini_batch_size or n
+            parts = [list(range(s, min(s + step, n))) for s in range(0, n, step)]
+        else:
+            layout = UpdateBatch(advantages=torch.zeros(n), mask=roll.completion_mask.bool(),
+                                 **self._layout(inputs, roll))
+            parts = self.update.micro_batches(list(range(n)), layout, _Hooks(self, inputs, roll))
+        # no gradient: every distinct image of the step is encoded once for all micro-batches
+        images = step_images(model, inputs, sync_vision=self.sharded) if self.policy_cfg.padding_free else None
+        out = torch.zeros(roll.completion_ids.shape, dtype=torch.float32, device=self.device)
+        for rows in parts:
+            out[rows] = self._score(model, inputs, roll, rows, images=images)[0]
+        return out
 
     def _reference_logp(self, inputs: dict[str, Tensor], roll: Any) -> Tensor | None:
         if self.loss_cfg.kl_coef <= 0:
@@ -528,7 +558,8 @@ class DivaGRPOModule(pl.LightningModule):
                                                     level=c.level, mode=c.mode, cap=c.cap)
             stats.update(cstats.metrics())
         batch = UpdateBatch(advantages=advantages, mask=mask, old_logp=old_logp,
-                            ref_logp=self._reference_logp(inputs, roll), is_weights=is_weights)
+                            ref_logp=self._reference_logp(inputs, roll), is_weights=is_weights,
+                            **self._layout(inputs, roll))
         g = torch.Generator().manual_seed(stable_seed("minibatch", self.seed, self.global_step, self.global_rank))
         hooks = _Hooks(self, inputs, roll)
         stats.update(self.update.run(batch, hooks, generator=g))
@@ -683,6 +714,9 @@ class _Hooks:
 
     def token_denominator(self, mask: Tensor) -> float:
         return self.module._global_token_count(mask)
+
+    def max_over_ranks(self, value: int) -> int:
+        return -self.module._min_over_ranks(-value)
 
 
 @dataclass

@@ -16,12 +16,14 @@ Peak extra memory is then about two float32 ``[chunk_tokens, V]`` buffers (``ben
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from diva_lightning.models.vision import num_image_tokens
+from diva_lightning.models.vision import dummy_image, num_image_tokens
 
 _ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
@@ -355,3 +357,254 @@ def completion_logprobs(
     logp_all = torch.cat(logps, dim=0) * mask
     entropy_all = torch.cat(ents, dim=0) * mask if with_entropy else None
     return logp_all, entropy_all
+
+
+# ------------------------------------------------------------------------------------------ padding-free scoring
+def vl_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The inner Qwen2(.5)-VL ``...Model`` (vision tower + language model) of a policy, PEFT-wrapped or not."""
+    for module in model.modules():
+        if hasattr(module, "get_rope_index") and hasattr(module, "get_image_features"):
+            return module
+    raise TypeError(f"{type(model).__name__} has no Qwen2-VL model inside (get_rope_index / get_image_features)")
+
+
+def encode_images(model: torch.nn.Module, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
+                  *, dummy: bool = False) -> list[torch.Tensor]:
+    """Vision features of each image ([tokens_k, H] each), one vision-tower call for all of them.
+
+    With no images and ``dummy``, the tower runs on :func:`diva_lightning.models.vision.dummy_image` and returns
+    ``[]``-equivalent features of zero rows that still depend on every vision weight: a sharded (FSDP2) tower is
+    then gathered, and its gradient reduced, on every rank whatever the rank's batch holds.
+    """
+    inner = vl_model(model)
+    if pixel_values is None or image_grid_thw is None or image_grid_thw.shape[0] == 0:
+        if not dummy:
+            return []
+        pixel_values, image_grid_thw = dummy_image(model.config, device=_device_of(inner))
+        out = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        return [torch.cat(list(out.pooler_output), dim=0)[:0]]  # no rows, but attached to the tower's graph
+    out = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    return list(out.pooler_output)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@dataclass
+class StepImages:
+    """Vision features of every image of a batch of prompts, encoded once and shared by all their responses.
+
+    For scoring passes without gradient (old / reference log-probs): each distinct image runs through the vision
+    tower once per step, not once per response nor once per micro-batch.
+    """
+
+    features: list[torch.Tensor]  # per image, in ``prompt_inputs`` order; [] for a text-only batch
+
+
+def _prompt_tokens(prompt_inputs: Mapping[str, torch.Tensor], p: int) -> torch.Tensor:
+    ids = prompt_inputs["input_ids"][p]
+    return ids[prompt_inputs["attention_mask"][p].bool()]
+
+
+def _prompt_positions(inner: torch.nn.Module, ids: torch.Tensor, grids: torch.Tensor | None, image_token_id: int
+                      ) -> torch.Tensor:
+    """[3, P] M-RoPE positions of one unpadded prompt (text-only prompts: 0 .. P-1 on all three axes)."""
+    if grids is None or grids.shape[0] == 0:
+        return torch.arange(ids.shape[0], device=ids.device).expand(3, -1)
+    mm = (ids == image_token_id).to(torch.int32)
+    pos, _ = inner.get_rope_index(ids[None], mm[None], image_grid_thw=grids)
+    return pos[:, 0]
+
+
+def sequence_lengths(prompt_inputs: Mapping[str, torch.Tensor], prompt_index: torch.Tensor,
+                     completion_mask: torch.Tensor) -> torch.Tensor:
+    """[N] real tokens of each response's sequence (its prompt without padding + its completion through EOS)."""
+    prompt_len = prompt_inputs["attention_mask"].sum(dim=1).to(prompt_index.device)
+    return prompt_len[prompt_index] + completion_mask.sum(dim=1).to(prompt_index.device)
+
+
+def packed_logprobs(
+    model: PreTrainedModel,
+    prompt_inputs: Mapping[str, torch.Tensor],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    prompt_index: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+    pack: bool = True,
+    pack_width: int | None = None,
+    sync_vision: bool = False,
+    images: StepImages | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`completion_logprobs` of the responses in one forward, without a padded position.
+
+    Each response's sequence is its prompt's real tokens followed by its completion's real tokens (through the
+    first stop token; the post-EOS pads are not in the forward at all). With ``pack`` the sequences are concatenated
+    into one row, kept apart by packed position ids (``[4, 1, L]``: text positions, then the three M-RoPE axes; the
+    attention implementation masks across sequences: block-causal under sdpa/eager, ``cu_seqlens`` under
+    flash-attention); without it they are right-padded to the longest of this call. The vision tower runs once per
+    *distinct* image of the call (the G responses of a prompt share its features), or not at all when ``images``
+    holds the step's features already; the output layer runs only on the positions that predict a completion token.
+
+    Args:
+        prompt_index: [N] prompt row of each response.
+        completion_mask: [N, T] 1 on the first k_i positions of each row, 0 after (the rollout's form).
+        pack_width: with ``pack``, a row holds sequences up to ``max(pack_width, longest sequence)`` tokens; None:
+            the longest sequence (sdpa / eager build a dense mask per row and attend across it, so a row longer
+            than that costs attention; flash-attention's varlen kernels do not: pass a large width, e.g. the token
+            budget, to pack everything into one row with no padded position at all).
+        sync_vision: run the vision tower on a dummy image (contributing zero) when this call has no image, so that
+            every rank of a sharded model runs the same units in the same order (FSDP2 collectives).
+        images: the step's vision features (:class:`StepImages`, no-grad passes), or None to encode here.
+    Returns:
+        logp [N, T] float32 and entropy [N, T] or None, 0 where ``completion_mask`` is 0 (as completion_logprobs).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n, t = completion_ids.shape
+    device = completion_ids.device
+    lengths = completion_mask.sum(dim=1).long()
+    mask = completion_mask.bool()
+    if not torch.equal(mask, torch.arange(t, device=device)[None] < lengths[:, None]):
+        raise ValueError("completion_mask must be 1 on a prefix of each row (through the first stop token), 0 after")
+    cfg = model.config
+    image_token_id, merge = int(cfg.image_token_id), int(cfg.vision_config.spatial_merge_size)
+    inner = vl_model(model)
+    n_img = images_per_row(prompt_inputs, image_token_id=image_token_id, merge_size=merge)
+    grid = prompt_inputs.get("image_grid_thw")
+    img_start = (torch.cumsum(n_img, 0) - n_img).tolist()
+    rows = prompt_index.tolist()
+    distinct = list(dict.fromkeys(rows))
+
+    # vision: each distinct image of this call once (or the step's features)
+    feats: dict[int, torch.Tensor] = {}  # global image index -> [tokens, H]
+    wanted = [k for p in distinct for k in range(img_start[p], img_start[p] + int(n_img[p]))]
+    anchor: torch.Tensor | None = None  # the dummy's zero-row features: keeps the tower in the graph
+    if images is not None:
+        feats = {k: images.features[k] for k in wanted}
+    elif wanted:
+        assert grid is not None
+        patches = grid.prod(dim=-1).cpu()
+        patch_start = (torch.cumsum(patches, 0) - patches).tolist()
+        pix_rows = torch.cat([torch.arange(patch_start[k], patch_start[k] + int(patches[k])) for k in wanted])
+        enc = encode_images(model, prompt_inputs["pixel_values"][pix_rows.to(grid.device)],
+                            grid[torch.tensor(wanted, device=grid.device)])
+        feats = dict(zip(wanted, enc))
+    elif sync_vision:
+        anchor = encode_images(model, None, None, dummy=True)[0]
+
+    # sequences, positions, the positions that predict completion tokens
+    prompt_ids = {p: _prompt_tokens(prompt_inputs, p) for p in distinct}
+    prompt_pos = {}
+    for p in distinct:
+        g = None if grid is None or n_img[p] == 0 else grid[img_start[p] : img_start[p] + int(n_img[p])]
+        prompt_pos[p] = _prompt_positions(inner, prompt_ids[p], g, image_token_id).to(device)
+    seqs, pos3 = [], []
+    for i, p in enumerate(rows):
+        ids, k = prompt_ids[p].to(device), int(lengths[i])
+        seqs.append(torch.cat([ids, completion_ids[i, :k]]))
+        start = prompt_pos[p].max() + 1 if prompt_pos[p].numel() else torch.tensor(0, device=device)
+        pos3.append(torch.cat([prompt_pos[p], (start + torch.arange(k, device=device)).expand(3, -1)], dim=1))
+    sizes = [int(seq.shape[0]) for seq in seqs]
+    width = max(max(sizes), pack_width or 0) if pack else max(sizes)
+    # rows of the forward: packed, each row holds whole sequences up to `width` tokens (first fit, longest first;
+    # by default the longest sequence's length, so that attention, quadratic in a row's length under sdpa's dense
+    # mask, stays that of the longest sequence); unpacked, one sequence per row, right-padded
+    bins = _first_fit(sizes, width) if pack else [[i] for i in range(n)]
+    width = max(sum(sizes[i] for i in members) for members in bins)  # no row is longer than its sequences
+    ids = torch.full((len(bins), width), int(getattr(cfg, "pad_token_id", None) or 0), dtype=torch.long,
+                     device=device)
+    pos = torch.zeros((4, len(bins), width), dtype=torch.long, device=device)
+    att = torch.zeros((len(bins), width), dtype=torch.long, device=device)
+    where = [0] * n  # flat position of each sequence's first token
+    row_images, row_grids = [], []
+    for b, members in enumerate(bins):
+        used = 0
+        for i in members:
+            size = sizes[i]
+            ids[b, used : used + size], pos[1:, b, used : used + size] = seqs[i], pos3[i]
+            pos[0, b, used : used + size] = torch.arange(size, device=device)
+            att[b, used : used + size] = 1
+            where[i] = b * width + used
+            used += size
+            p = rows[i]
+            for j in range(img_start[p], img_start[p] + int(n_img[p])):  # image features in the forward's order
+                row_images.append(feats[j])
+                row_grids.append(grid[j])  # type: ignore[index]
+        # the tail is a segment of its own (positions restart at 0): it attends to nothing real and is never scored
+        pos[0, b, used:] = torch.arange(width - used, device=device)
+    flat_keep = torch.cat([where[i] + sizes[i] - int(lengths[i]) - 1 + torch.arange(int(lengths[i]), device=device)
+                           for i in range(n)])
+    targets = completion_ids[mask]  # [K] in row-major order: row 0's tokens first, as flat_keep
+
+    inputs: dict[str, object] = {"input_ids": ids}
+    if pack:  # text positions first: transformers builds the block-causal mask (cu_seqlens under flash-attention)
+        inputs["position_ids"] = pos
+    else:
+        inputs.update(attention_mask=att, position_ids=pos[1:])
+    if row_images:
+        embeds = torch.cat(row_images, dim=0)
+        inputs["image_grid_thw"] = torch.stack(row_grids)
+    elif anchor is not None:
+        embeds = anchor
+    else:
+        embeds = None
+    if embeds is not None:
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(embeds,))}
+
+    lm_head = model.get_output_embeddings()
+    if not isinstance(lm_head, torch.nn.Linear):
+        raise TypeError(f"chunked scoring needs an nn.Linear output layer, got {type(lm_head).__name__}")
+    scores: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def score_hidden(module: torch.nn.Linear, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        hidden = args[0]
+        picked = hidden.reshape(-1, hidden.shape[-1])[flat_keep]  # [K, H]: only the scored positions
+        scores.append(token_logprobs(picked, module.weight, targets, bias=module.bias, temperature=temperature,
+                                     with_entropy=with_entropy, chunk_tokens=chunk_tokens))
+        return (hidden[:, :0],)
+
+    handle = lm_head.register_forward_pre_hook(score_hidden)
+    try:
+        # packed: keep only the scored positions before the output layer; padded: all (gathered in the hook)
+        model(**inputs, use_cache=False, logits_to_keep=0)
+    finally:
+        handle.remove()
+    if len(scores) != 1:
+        raise RuntimeError(f"expected the output layer to run once per forward, it ran {len(scores)} times")
+    logp_flat, ent_flat = scores[0]
+    logp = torch.zeros((n, t), dtype=logp_flat.dtype, device=device).masked_scatter(mask, logp_flat)
+    ent = None
+    if ent_flat is not None:
+        ent = torch.zeros((n, t), dtype=ent_flat.dtype, device=device).masked_scatter(mask, ent_flat)
+    return logp, ent
+
+
+def _first_fit(sizes: list[int], width: int) -> list[list[int]]:
+    """Sequence indices per row: longest first, each into the first row with room left (first-fit decreasing)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for r, room in enumerate(free):
+            if room >= sizes[i]:
+                rows[r].append(i)
+                free[r] -= sizes[i]
+                break
+        else:
+            rows.append([i])
+            free.append(width - sizes[i])
+    return rows
+
+
+def step_images(model: torch.nn.Module, prompt_inputs: Mapping[str, torch.Tensor], *, sync_vision: bool = False
+                ) -> StepImages:
+    """Encode every image of the step's prompts once (no-grad scoring passes share it: :class:`StepImages`)."""
+    feats = encode_images(model, prompt_inputs.get("pixel_values"), prompt_inputs.get("image_grid_thw"),
+                          dummy=sync_vision)
+    has_images = "image_grid_thw" in prompt_inputs and prompt_inputs["image_grid_thw"].shape[0] > 0
+    return StepImages(features=feats if has_images else [])

@@ -187,3 +187,15 @@ def unpatchify_images(
             x = x * std + mean
         images.append(x)
     return images
+
+
+def dummy_image(config: Any, *, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest image a Qwen2(.5)-VL vision tower accepts (one merged token, zero pixels): ``pixel_values``
+    [merge**2, C * T * p * p] and ``image_grid_thw`` [[1, merge, merge]]. Run through the tower when a batch holds
+    no image so that a sharded tower is still gathered on every rank (its features are then discarded)."""
+    vc = config.vision_config
+    m, p, t = int(vc.spatial_merge_size), int(vc.patch_size), int(vc.temporal_patch_size)
+    channels = int(getattr(vc, "in_channels", getattr(vc, "in_chans", 3)))
+    pixels = torch.zeros(m * m, channels * t * p * p, device=device)
+    grid = torch.tensor([[1, m, m]], dtype=torch.long, device=device)
+    return pixels, grid

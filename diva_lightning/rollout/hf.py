@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Mapping
 
@@ -9,7 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 from diva_lightning.core.seeding import stable_seed
-from diva_lightning.models.logprobs import repeat_prompt_inputs
+from diva_lightning.models.logprobs import encode_images, repeat_prompt_inputs
 from diva_lightning.models.policy import PolicyBundle
 from diva_lightning.rollout.base import Rollout, RolloutEngine, mask_after_stop
 
@@ -101,11 +102,18 @@ class HFGenerateEngine(RolloutEngine):
 
     def _sample(self, bundle: PolicyBundle, inputs: Mapping[str, torch.Tensor], rows: torch.Tensor,
                 num_generations: int, gen_config: GenerationConfig, seed: int | None) -> Rollout:
-        """One ``generate`` call for prompt ``rows`` (G contiguous responses each)."""
+        """One ``generate`` call for prompt ``rows`` (G contiguous responses each).
+
+        The prompts go in once each and ``generate`` expands them to G rows after encoding their images
+        (``num_return_sequences``): each distinct image runs through the vision tower once, not G times. Under
+        FSDP a call without any image runs the tower on a dummy image first, where an image batch encodes its
+        images: every rank gathers the same units in the same order (text-only questions on one rank and image
+        questions on another would otherwise issue different collectives and hang or abort).
+        """
         model = bundle.model
         prompt_index = rows.repeat_interleave(num_generations)  # [N], groups contiguous
         batch = repeat_prompt_inputs(
-            inputs, prompt_index, image_token_id=bundle.image_token_id, merge_size=bundle.vision_spec.merge_size
+            inputs, rows, image_token_id=bundle.image_token_id, merge_size=bundle.vision_spec.merge_size
         )
         batch = _strip_left_padding(batch)
         prompt_len = batch["input_ids"].shape[1]
@@ -113,7 +121,11 @@ class HFGenerateEngine(RolloutEngine):
         model.eval()
         device = batch["input_ids"].device
         devices = [device] if device.type == "cuda" else []
+        gen_config = copy.copy(gen_config)
+        gen_config.num_return_sequences = num_generations
         try:
+            if self.synced and "pixel_values" not in batch:
+                encode_images(model, None, None, dummy=True)  # where an image batch runs the tower (see above)
             with torch.random.fork_rng(devices=devices, enabled=seed is not None):
                 if seed is not None:
                     torch.manual_seed(seed)

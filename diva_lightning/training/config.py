@@ -184,6 +184,14 @@ class PolicyConfig:
     """Longest prompt in tokens (images included); null: the context length minus max_new_tokens."""
     prompt_overflow: str = "error"
     """error (all too-long questions listed before training) | skip (dropped and counted, with a warning)."""
+    padding_free: bool = True
+    """Score responses without padding: each forward packs its responses' real tokens (prompt + completion through
+    EOS) into one row with packed position ids, and encodes each distinct image once (docs/update.md). false: the
+    earlier padded path (prompts left-padded to the batch, completions to the rollout's longest)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget of one forward/backward (verl's ppo_max_token_len_per_gpu): micro-batches are filled with whole
+    responses up to this many real tokens, and every rank runs as many as the rank that needs most; null: the
+    micro-batches are micro_batch_size responses. Needs padding_free (a padded forward costs more than its tokens)."""
 
     def check(self) -> list[str]:
         problems = _choice("policy_config.dtype", self.dtype, ("float32", "bfloat16"))
@@ -196,6 +204,12 @@ class PolicyConfig:
             problems.append(f"policy_config.max_pixels must be >= min_pixels, got {self.max_pixels}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             problems.append(f"policy_config.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if self.max_tokens_per_micro_batch is not None:
+            if self.max_tokens_per_micro_batch < 1:
+                problems.append(f"policy_config.max_tokens_per_micro_batch must be >= 1 or null, got "
+                                f"{self.max_tokens_per_micro_batch}")
+            if not self.padding_free:
+                problems.append("policy_config.max_tokens_per_micro_batch needs padding_free: true")
         if self.lora is not None:
             problems += self.lora.check()
         return problems

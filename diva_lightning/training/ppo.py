@@ -17,6 +17,7 @@ otherwise, so a caller cannot turn PPO into REINFORCE on stale samples by accide
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -44,6 +45,11 @@ class UpdateHooks(Protocol):
         """The ``token_mean`` denominator of a mini-batch whose mask on this rank is ``mask``."""
         ...
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` over data-parallel ranks (the value itself on one process): every rank must run
+        the same number of forwards under FSDP, so the token-budget micro-batch count is agreed on."""
+        ...
+
 
 @dataclass
 class UpdateBatch:
@@ -55,6 +61,9 @@ class UpdateBatch:
         old_logp: [N, T] log-probs of the sampling policy, or None (= current policy, one step only).
         ref_logp: [N, T] reference log-probs for the KL term, or None.
         is_weights: [N, T] importance weights (engine/trainer correction), or None.
+        seq_lens: [N] real tokens of each response's forward (prompt + completion), needed by a token budget.
+        groups: [N] prompt of each response: a token-budget micro-batch keeps a prompt's responses together
+            where it can (its image is then encoded once for them).
     """
 
     advantages: Tensor
@@ -62,6 +71,8 @@ class UpdateBatch:
     old_logp: Tensor | None = None
     ref_logp: Tensor | None = None
     is_weights: Tensor | None = None
+    seq_lens: Tensor | None = None
+    groups: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.advantages.shape[0])
@@ -69,7 +80,8 @@ class UpdateBatch:
 
 # Loss statistics that policy_loss aggregates with the mini-batch-wide denominator (num_tokens / num_seqs):
 # micro-batch values are shares of the mini-batch value and add up. Every other statistic is a
-# per-micro-batch mean (weighted by the micro-batch's share of sequences) except the maximum ratio.
+# token mean over the micro-batch's mask (weighted by the micro-batch's share of the mini-batch's tokens, which
+# makes the combination exact) except the maximum ratio.
 ADDITIVE_STATS = frozenset({"loss/policy", "kl", "entropy"})
 MAX_STATS = frozenset({"ratio/max"})
 _STAT_NAMES = {
@@ -106,20 +118,39 @@ class PPOUpdate:
         mini_batch_size: responses per optimizer step (None: the whole round).
         micro_batch_size: responses per forward/backward (None: the whole mini-batch).
         max_len: Dr.GRPO's constant for ``seq_mean_token_sum_norm`` (the response budget).
+        max_tokens_per_micro_batch: form micro-batches by a token budget instead of a row count (see
+            :meth:`micro_batches`); a forward then holds at most this many real tokens (packed, no padding).
     """
 
     def __init__(self, loss: LossConfig, *, epochs: int = 1, mini_batch_size: int | None = None,
-                 micro_batch_size: int | None = None, max_len: int | None = None) -> None:
+                 micro_batch_size: int | None = None, max_len: int | None = None,
+                 max_tokens_per_micro_batch: int | None = None) -> None:
         problems = loss.check()
         if epochs < 1:
             problems.append(f"ppo_epochs must be >= 1, got {epochs}")
-        for name, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size)):
+        for name, value in (("mini_batch_size", mini_batch_size), ("micro_batch_size", micro_batch_size),
+                            ("max_tokens_per_micro_batch", max_tokens_per_micro_batch)):
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 or null, got {value}")
         if problems:
             raise ValueError("; ".join(problems))
         self.loss, self.epochs = loss, epochs
         self.mini_batch_size, self.micro_batch_size, self.max_len = mini_batch_size, micro_batch_size, max_len
+        self.max_tokens = max_tokens_per_micro_batch
+
+    def micro_batches(self, rows: list[int], batch: UpdateBatch, hooks: UpdateHooks) -> list[list[int]]:
+        """Split one mini-batch's rows into micro-batches.
+
+        Without a token budget: ``micro_batch_size`` rows each, in the given (shuffled) order. With one: rows
+        ordered by prompt (a prompt's responses together), each micro-batch filled up to
+        ``max_tokens_per_micro_batch`` real tokens (and ``micro_batch_size`` rows, when set); a single longer
+        response gets a micro-batch of its own. Every rank then runs as many micro-batches as the rank that needs
+        most (the largest ones are halved): sharded forwards are collective.
+        """
+        micro = self.micro_batch_size or len(rows)
+        if self.max_tokens is None:
+            return [rows[m : m + micro] for m in range(0, len(rows), micro)]
+        return token_budget_partition(rows, batch, self.max_tokens, micro, hooks.max_over_ranks)
 
     def steps_per_round(self, n: int) -> int:
         """Optimizer steps one round of ``n`` responses takes."""
@@ -137,8 +168,9 @@ class PPOUpdate:
             raise ValueError(f"old log-probs are required: this round takes {self.steps_per_round(n)} optimizer "
                              "steps, so the sampling policy is not the current one after the first")
         mini = self.mini_batch_size or n
-        micro = self.micro_batch_size or mini
         cfg = self.loss
+        # Dr.GRPO's constant: the budget, else the round's width (never a micro-batch's own width)
+        max_len = self.max_len if self.max_len is not None else int(batch.mask.shape[1])
         want_entropy = cfg.entropy_coef > 0
         per_step: list[dict[str, float]] = []
         for _ in range(self.epochs):
@@ -147,8 +179,8 @@ class PPOUpdate:
                 mb = order[s : s + mini]
                 num_tokens = hooks.token_denominator(batch.mask[mb])
                 micro_stats: list[tuple[dict[str, float], float]] = []
-                for m in range(0, len(mb), micro):
-                    idx = mb[m : m + micro]
+                mb_tokens = float(batch.mask[mb].sum())
+                for idx in self.micro_batches(mb, batch, hooks):
                     logp, ent = hooks.score(idx, entropy=want_entropy)
                     old = logp.detach() if batch.old_logp is None else batch.old_logp[idx]
                     loss, stats = policy_loss(
@@ -158,10 +190,51 @@ class PPOUpdate:
                         kl_type=cfg.kl_type, entropy=ent, entropy_coef=cfg.entropy_coef,
                         is_weights=None if batch.is_weights is None else batch.is_weights[idx],
                         # mini-batch-wide denominators: micro-batch losses add up to the mini-batch loss
-                        num_tokens=num_tokens, num_seqs=len(mb), max_len=self.max_len,
+                        num_tokens=num_tokens, num_seqs=len(mb), max_len=max_len,
                     )
                     hooks.backward(loss)
-                    micro_stats.append((stats_dict(stats), len(idx) / len(mb)))
+                    # the non-additive statistics are token means over the mask: weighted by token share, the
+                    # micro-batches give the mini-batch's value however the rows were split
+                    share = float(batch.mask[idx].sum()) / mb_tokens if mb_tokens > 0 else len(idx) / len(mb)
+                    micro_stats.append((stats_dict(stats), share))
                 hooks.step()
                 per_step.append(combine_micro_stats(micro_stats))
         return {k: sum(d[k] for d in per_step) / len(per_step) for k in per_step[0]}
+
+
+def token_budget_partition(rows: list[int], batch: UpdateBatch, max_tokens: int, max_rows: int,
+                           max_over_ranks: Callable[[int], int]) -> list[list[int]]:
+    """Micro-batches of ``rows`` holding at most ``max_tokens`` real tokens (packed: no padding) and ``max_rows``
+    rows each, as many on every rank (see ``PPOUpdate.micro_batches``). A prompt's responses are split over two
+    micro-batches only when they do not fit in one: its image is then encoded once in the update."""
+    if batch.seq_lens is None:
+        raise ValueError("a token budget (max_tokens_per_micro_batch) needs UpdateBatch.seq_lens")
+    lens = batch.seq_lens.tolist()
+    groups = batch.groups.tolist() if batch.groups is not None else list(range(len(lens)))
+    by_group: dict[int, list[int]] = {}
+    for r in sorted(rows, key=lambda r: (groups[r], r)):
+        by_group.setdefault(groups[r], []).append(r)
+    parts: list[list[int]] = [[]]
+    used = 0
+    for members in by_group.values():
+        size = sum(lens[r] for r in members)
+        # a prompt's responses that fit in a fresh micro-batch but not in this one start the next: not split
+        if parts[-1] and (used + size > max_tokens or len(parts[-1]) + len(members) > max_rows) \
+                and size <= max_tokens and len(members) <= max_rows:
+            parts.append([])
+            used = 0
+        for r in members:
+            if parts[-1] and (used + lens[r] > max_tokens or len(parts[-1]) >= max_rows):
+                parts.append([])
+                used = 0
+            parts[-1].append(r)
+            used += lens[r]
+    wanted = max_over_ranks(len(parts))
+    if wanted > len(rows):
+        raise ValueError(f"another rank needs {wanted} micro-batches but this one has only {len(rows)} responses in "
+                         "the mini-batch: ranks must hold mini-batches of equal size")
+    while len(parts) < wanted:  # halve the heaviest splittable micro-batch: never exceeds the budget
+        k = max((i for i, p in enumerate(parts) if len(p) > 1), key=lambda i: sum(lens[r] for r in parts[i]))
+        half = len(parts[k]) // 2
+        parts[k : k + 1] = [parts[k][:half], parts[k][half:]]
+    return parts
