@@ -563,8 +563,9 @@ class DivaGRPOModule(pl.LightningModule):
         g = torch.Generator().manual_seed(stable_seed("minibatch", self.seed, self.global_step, self.global_rank))
         hooks = _Hooks(self, inputs, roll)
         stats.update(self.update.run(batch, hooks, generator=g))
-        stats["grad_norm"] = sum(hooks.grad_norms) / len(hooks.grad_norms)  # before clipping
-        stats["skipped_steps"] = float(sum(not math.isfinite(x) for x in hooks.grad_norms))  # non-finite norm
+        finite = [x for x in hooks.grad_norms if math.isfinite(x)]
+        stats["grad_norm"] = sum(finite) / len(finite) if finite else math.nan  # before clipping, of the steps taken
+        stats["skipped_steps"] = float(len(hooks.grad_norms) - len(finite))  # non-finite norm: step skipped
         return stats
 
     def _global_token_count(self, mask: Tensor) -> float:
@@ -587,13 +588,14 @@ class DivaGRPOModule(pl.LightningModule):
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         norm = norm.full_tensor() if isinstance(norm, sharding.DTensor) else norm
-        if not torch.isfinite(norm):
+        taken = bool(torch.isfinite(norm))
+        if not taken:
             # skip the update, as the authors' dp_actor.py:163 (logged as skipped_steps): without gradients AdamW
             # leaves every parameter and its state as they are, and the step still counts for global_step
             opt.zero_grad(set_to_none=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if not self.engine.samples_from_module:
+        if taken and not self.engine.samples_from_module:  # a skipped step changed no weight: nothing to push
             self.engine.sync_weights(self.policy)  # type: ignore[arg-type]
         return float(norm)
 

@@ -67,7 +67,7 @@ class SweepOptions:
     live: Liveness = field(default_factory=Liveness)
     poll_s: float = 5.0
     report: bool = True
-    retry_given_up: bool = False  # queue cells that used up their retries once more
+    retry_given_up: bool = False  # queue given-up cells again, each with 1 + max_retries fresh tries
 
     def __post_init__(self) -> None:
         check_launcher(self.launcher)
@@ -242,7 +242,8 @@ def work(opts: SweepOptions, runner: Runner | None = None) -> int:
 
 
 def requeue_given_up(study: optuna.Study, retry: bool) -> list[Cell]:
-    """Cells that used up their retries: queued once more when `retry` (--retry-given-up), else named with the flag
+    """Cells that used up their retries: queued again when `retry` (--retry-given-up; the new trial gets 1 +
+    --max-retries tries, as a fresh cell: the retry callback counts from it), else named with the flag
     that would. Returns them."""
     given_up = [c for c, s in cell_states(study).items() if s.given_up]
     if given_up and retry:
@@ -309,7 +310,8 @@ def parse_args(argv: list[str] | None = None) -> SweepOptions:
                    help="seconds every database call retries a lost connection (a server restart) before the "
                         "worker stops with one line")
     p.add_argument("--retry-given-up", action="store_true",
-                   help="queue cells that used up --max-retries once more (the report names them)")
+                   help="queue cells that used up their tries again; each gets 1 + --max-retries fresh tries, as a new "
+                        "cell does (the report names given-up cells)")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between checks while others run cells")
     p.add_argument("--no-report", action="store_true", help="do not write the report (extra workers)")
     a = p.parse_args(argv)

@@ -297,7 +297,7 @@ class Protocol:
 
     Attributes:
         targets: metric -> fixed target (rollouts to target; a seed whose final value is below it collapses).
-        window: validations in the centred moving average before "first reaches the target".
+        window: validations in the trailing moving average before "first reaches the target".
         base: metric -> the base policy's score, the curve's value at 0 rollouts for runs that did not validate
             before training (`ValidateBeforeTraining`); without either, the AUC window starts where every run has
             been validated once.
@@ -392,7 +392,8 @@ def replication_tables(runs: list[RunData], out_dir: Path, protocol: Protocol | 
              "seed. *Collapsed*: seeds whose final value is below the metric's fixed target. *AUC*: the mean "
              f"value over the window of {x_name} shown (area under the seed's curve, linear between validations, "
              "divided by the window). *To target*: the " + x_name + " until the seed's curve, smoothed by a "
-             f"centred moving average of {protocol.window} validations, first reaches the target; the row's "
+             f"trailing moving average of {protocol.window} validations (that one and the ones before it), first "
+             "reaches the target; the row's "
              "median (a seed that never reaches it counts as infinite) and how many seeds reached it."
              + (" Curves of runs without a before-training validation start at the base policy's score given to "
                 "the report (" + ", ".join(f"{k} {v:g}" for k, v in protocol.base.items()) + ")."

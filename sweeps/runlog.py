@@ -2,7 +2,10 @@
 
 The CSV has one row per logging call; training rows and validation rows are separate, empty cells mean "not
 logged on this row". Lightning writes the step of a row as the optimizer steps done minus one (a validation
-after 2 steps carries step 1), so every curve here is indexed by *steps done* = step + 1.
+after 2 steps carries step 1), so every curve here is indexed by *steps done* = step + 1. The one exception is the
+validation `ValidateAfterTraining` runs once the fit loop has counted the last step (marked `val/after_training`):
+Lightning logs it at the steps done themselves (after 3 steps: step 3, while the last training row carries step 2),
+so its steps done = step; `steps_done` applies both rules.
 """
 
 from __future__ import annotations
@@ -20,9 +23,16 @@ def read_metrics(path: str | Path) -> list[Row]:
         return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
 
 
+def steps_done(row: Row) -> int:
+    """Optimizer steps done when `row` was logged (module docs): step + 1, or step for the after-training
+    validation."""
+    step = int(row["step"])
+    return step if not math.isnan(row.get("val/after_training", math.nan)) else step + 1
+
+
 def series(rows: list[Row], key: str) -> list[tuple[int, float]]:
     """(steps done, value) of every row that logged `key`, sorted by step (later rows win on ties)."""
-    out = {int(r["step"]) + 1: r[key] for r in rows if key in r and "step" in r and not math.isnan(r[key])}
+    out = {steps_done(r): r[key] for r in rows if key in r and "step" in r and not math.isnan(r[key])}
     return sorted(out.items())
 
 

@@ -18,8 +18,9 @@ collapse) beside the mean. Conventions (tests: tests/sweeps/test_stats.py):
   runs), and the interval is that of the difference of the resampled means.
 - **Efficiency per seed**, two measures, both on x = rollouts generated (a dynamic-sampling row's dropped draws
   count):
-  * *rollouts to target*: the first x at which the seed's *smoothed* curve (centred moving average over ``window``
-    validations, the window shrinking at both ends) reaches a fixed target, fixed before the run (not taken from
+  * *rollouts to target*: the first x at which the seed's *smoothed* curve (trailing moving average over ``window``
+    validations: each point and the ones before it, never a later one; the window shrinking at the start) reaches
+    a fixed target, fixed before the run (not taken from
     another row's noisy best). A seed that never reaches it is censored: it counts as +inf, so the row statistic
     is the median (defined while more than half the seeds reach it) and the share of seeds that reach it is
     reported beside it.
@@ -118,14 +119,16 @@ def bootstrap_difference(a: Sequence[float], b: Sequence[float], *, resamples: i
 
 
 def smooth(curve: Curve, window: int) -> list[tuple[float, float]]:
-    """Centred moving average over ``window`` consecutive points (odd; 1 = unchanged); at the ends the window
-    shrinks to the points that exist (the first point of a window-3 smoothing is the mean of the first two)."""
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"smoothing window must be an odd number >= 1, got {window}")
-    half, ys = window // 2, [v for _, v in curve]
+    """Trailing (causal) moving average over ``window`` consecutive points (1 = unchanged): the value at x_i is the
+    mean of x_i and the ``window - 1`` points before it, never of a later one, so a seed is only credited at x_i with
+    what it had shown by x_i. At the start the window shrinks to the points that exist (the first point is itself,
+    the second of a window-3 smoothing the mean of the first two)."""
+    if window < 1:
+        raise ValueError(f"smoothing window must be >= 1, got {window}")
+    ys = [v for _, v in curve]
     out = []
     for i, (x, _) in enumerate(curve):
-        part = ys[max(0, i - half): i + half + 1]
+        part = ys[max(0, i - window + 1): i + 1]
         out.append((x, sum(part) / len(part)))
     return out
 
@@ -139,7 +142,8 @@ def first_crossing(curve: Curve, target: float) -> float:
 
 
 def rollouts_to_target(curve: Curve, target: float, window: int = 3) -> float:
-    """Rollouts until the seed's smoothed curve first reaches ``target`` (+inf: not within the run)."""
+    """Rollouts until the seed's trailing-smoothed curve (`smooth`) first reaches ``target`` (+inf: not within the
+    run)."""
     return first_crossing(smooth(curve, window), target)
 
 

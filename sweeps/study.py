@@ -17,19 +17,24 @@ Optuna does the coordination; this module picks the storage, fills the queue onc
   most `max_retries` times per cell). Optuna 5.0's `JournalStorage` has no heartbeat (optuna#6615); there a thread in
   the worker writes the user attr `heartbeat_at`, and `fail_stale` takes the same two steps through public calls:
   `study.tell(n, state=FAIL)` (only one worker wins it) and the same retry callback. `heartbeat_at` is written on RDB
-  storages too, only so that waiting workers can say how long a silent cell has left.
+  storages too: waiting workers say how long a silent cell has left, and `fail_stale` fails a cell's trial whose
+  `heartbeat_at` (or start) is older than the grace period, which catches a trial that Optuna's check skips because
+  it never got an Optuna heartbeat (a pop whose answer was lost). No worker fails a trial as stale until a grace
+  period after its storage last came back from an outage.
 - **Failed fits** are re-queued by the same callback; after `max_retries` retries the cell is given up.
 - **Database faults.** An RDB storage is opened with `pool_pre_ping` (Optuna turns it on only for MySQL), so the first
   query after a server restart gets a fresh connection instead of a dead pooled one. Every storage call of the
   sweep (Optuna's own: pop, heartbeat, tell; ours: user attrs, reads for the queue and the report) goes through
   `PatientRDBStorage`, which retries a lost connection with backoff for `Liveness.storage_patience` s, says so in one
-  line, and then raises `StorageUnavailable` (one line, no traceback, exit 1). Heartbeats never end their thread: a
-  beat that cannot be written is skipped and said so.
+  line, and then raises `StorageUnavailable` (one line, no traceback, exit 1); only connection-class errors are
+  retried (`lost_connection`), so a failed authentication or a misspelt database name fails at once.
+  Heartbeats never end their thread: a beat that cannot be written is skipped and said so.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import time
 import warnings
@@ -89,15 +94,38 @@ class Liveness:
 T = TypeVar("T")
 
 
+# MySQL server errors that no wait cures: access denied (to a database, for a user), unknown database.
+_MYSQL_NOT_CONNECTION = {1044, 1045, 1049}
+
+
+def _connection_class(orig: object) -> bool:
+    """Whether the driver error behind a SQLAlchemy OperationalError/InterfaceError is about reaching the server.
+    PostgreSQL names it by SQLSTATE: class 08 (connection exception) and 57P0x (the server shutting down, restarting
+    or still starting up) are; any other code the server answered with (28xxx failed authentication, 3D000 unknown
+    database, ...) is not. libpq gives no SQLSTATE for an error at connect time, only its message: a server that
+    answered with FATAL (bad password, unknown database) is not connection class unless it said it is starting up,
+    shutting down, in recovery or full. Otherwise no SQLSTATE means the server never answered (refused, reset, timed
+    out): connection class. MySQL (pymysql) gives a numeric code instead."""
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state:
+        return str(state).startswith(("08", "57P"))
+    text = str(orig)
+    if "FATAL:" in text:
+        return any(s in text for s in ("starting up", "shutting down", "recovery", "too many"))
+    code = (getattr(orig, "args", None) or (None,))[0]
+    return not (isinstance(code, int) and code in _MYSQL_NOT_CONNECTION)
+
+
 def lost_connection(err: BaseException) -> bool:
-    """Whether `err` is a database connection that went away (a server restart or outage), as opposed to a bad query:
-    SQLAlchemy's OperationalError/InterfaceError or an invalidated connection, also when Optuna wrapped it in
-    StorageInternalError."""
+    """Whether `err` is a database connection that went away or cannot be made (a server restart or outage), as
+    opposed to a bad query or a setting no wait cures (a failed authentication, a misspelt database name, which fail
+    at once): an invalidated connection, or SQLAlchemy's OperationalError/InterfaceError of the connection class
+    (`_connection_class`), also when Optuna wrapped it in StorageInternalError."""
     for e in (err, err.__cause__):
-        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            return True
         if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
             return True
+        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return _connection_class(e.orig)
     return False
 
 
@@ -108,11 +136,12 @@ def _reason(err: BaseException) -> str:
 
 
 def patiently(what: str, call: Callable[[], T], patience: float, *, on_retry: Callable[[], T | None] | None = None,
+              on_back: Callable[[], None] | None = None,
               say: Callable[[str], None] = lambda line: print(line, flush=True)) -> T:
     """`call()`, retried with backoff (0.1 s doubling to 2 s) while it fails on a lost database connection, for at
     most `patience` s; then StorageUnavailable naming `what`. Says one line when it starts retrying and one when the
     database is back. `on_retry`, if given, runs before each retry and may return the result instead (a write whose
-    first try committed but whose answer was lost)."""
+    first try committed but whose answer was lost). `on_back`, if given, runs when a call succeeds after retries."""
     start, delay, tries = time.monotonic(), 0.1, 0
     while True:
         try:
@@ -138,6 +167,8 @@ def patiently(what: str, call: Callable[[], T], patience: float, *, on_retry: Ca
             continue
         if tries:
             say(f"[ablate] database back after {time.monotonic() - start:.1f} s ({what})")
+            if on_back is not None:
+                on_back()
         return result
 
 
@@ -154,13 +185,24 @@ _PATIENT_METHODS = (
 class PatientRDBStorage(RDBStorage):
     """`RDBStorage` that checks pooled connections before use and rides out a database restart (module docstring).
 
-    Retrying is safe for every call the sweep makes: attribute writes are idempotent; a state change whose first try
-    committed but whose answer was lost is recognised on the retry (`set_trial_state_values`); a trial created twice
+    Retrying is safe for every call the sweep makes: attribute writes are idempotent; a finishing state change whose
+    first try committed but whose answer was lost is recognised on the retry (`set_trial_state_values`); a pop
+    (WAITING -> RUNNING) whose answer was lost is not (the retry sees the trial taken and Optuna pops another), and
+    its trial, RUNNING with no worker and no Optuna heartbeat, is failed by `fail_stale`'s own check; a trial created
+    twice
     is either a cell queued twice (run once, `duplicate_of`) or a trial with no cell (pruned at once)."""
 
     def __init__(self, url: str, *, patience: float, **kwargs: object) -> None:
         self.patience = patience
+        self.back_at = -math.inf  # time.monotonic() when a call of this storage last got through after retries
         super().__init__(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)  # type: ignore[arg-type]
+
+    def came_back(self) -> None:
+        self.back_at = time.monotonic()
+
+    def since_back(self) -> float:
+        """Seconds since this storage last rode out an outage (inf: never)."""
+        return time.monotonic() - self.back_at
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: object = None) -> bool:
         def committed_before() -> bool | None:
@@ -171,14 +213,14 @@ class PatientRDBStorage(RDBStorage):
 
         return patiently(f"set_trial_state_values(trial id {trial_id}, {state.name})",
                          lambda: RDBStorage.set_trial_state_values(self, trial_id, state, values),  # type: ignore
-                         self.patience, on_retry=committed_before)
+                         self.patience, on_retry=committed_before, on_back=self.came_back)
 
     def record_heartbeat(self, trial_id: int) -> None:
         """Optuna's heartbeat thread calls this every interval; it must not end the thread (a skipped beat only
         brings the cell nearer to its grace period, which then retries it)."""
         try:
             patiently(f"Optuna's heartbeat (trial id {trial_id})", lambda: RDBStorage.record_heartbeat(self, trial_id),
-                      self.patience)
+                      self.patience, on_back=self.came_back)
         except StorageUnavailable as err:
             print(f"[ablate] Optuna's heartbeat (trial id {trial_id}) skipped: {err}", flush=True)
 
@@ -188,7 +230,8 @@ def _patient(name: str) -> Callable[..., object]:
 
     @functools.wraps(base)
     def method(self: PatientRDBStorage, *args: object, **kwargs: object) -> object:
-        return patiently(f"{name}{args!r}"[:120], lambda: base(self, *args, **kwargs), self.patience)
+        return patiently(f"{name}{args!r}"[:120], lambda: base(self, *args, **kwargs), self.patience,
+                         on_back=self.came_back)
 
     return method
 
@@ -338,28 +381,44 @@ def heartbeat(trial: optuna.Trial, interval: float) -> Iterator[None]:
 def fail_stale(study: optuna.Study, storage: BaseStorage, live: Liveness,
                say: Callable[[str], None] = lambda line: print(line, flush=True)) -> list[int]:
     """Fail RUNNING trials silent for longer than the grace period and re-queue their cells (see "Dead workers"); say
-    one line per trial failed here. Returns their numbers."""
-    running = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    one line per trial seen failed (here, or by another worker's check at the same time). Returns their numbers.
+
+    On an RDB storage: Optuna's `fail_stale_trials` fails the trials whose Optuna heartbeat is stale, and then the
+    trials with a cell whose own `heartbeat_at` (or start) is older than the grace period are failed as on a journal:
+    Optuna skips a trial that never got its heartbeat, such as one whose pop committed but whose answer was lost
+    (its worker ran another trial), which would otherwise stay RUNNING for ever. Nothing is failed until a grace
+    period has passed since this worker's storage last rode out an outage: a live cell's heartbeats could not be
+    written during it either, so its silence says nothing until its worker has had a grace period to beat again."""
+    patient = storage if isinstance(storage, PatientRDBStorage) else None
+
+    def read(state: TrialState) -> list[FrozenTrial]:
+        # Optuna's study reads an RDB storage's trials through its cache, which calls a private method of
+        # RDBStorage that PatientRDBStorage does not wrap: the read is made patient here.
+        return patiently(f"reading {state.name} trials", lambda: study.get_trials(deepcopy=False, states=(state,)),
+                         live.storage_patience, on_back=None if patient is None else patient.came_back)
+
+    running = {t.number: t for t in read(TrialState.RUNNING)}
+    if patient is not None and patient.since_back() < live.grace_period:
+        return []
     failed: list[int] = []
-    if isinstance(storage, RDBStorage):
-        if running:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                patiently("failing stale trials", lambda: optuna.storages.fail_stale_trials(study),
-                          live.storage_patience)
-            failed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                      if t.number in running]
-    else:
-        retry, now = live.retry(), time.time()
-        for t in running.values():
-            if now - last_heartbeat(t) <= live.grace_period:
-                continue
-            try:
-                frozen = study.tell(t.number, state=TrialState.FAIL)
-            except (ValueError, UpdateFinishedTrialError):
-                continue  # another worker failed it first, or it finished meanwhile
-            retry(study, frozen)
-            failed.append(t.number)
+    if isinstance(storage, RDBStorage) and running:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            patiently("failing stale trials", lambda: optuna.storages.fail_stale_trials(study),
+                      live.storage_patience)
+        failed = [t.number for t in read(TrialState.FAIL) if t.number in running]
+    retry, now = live.retry(), time.time()
+    for t in running.values():
+        if t.number in failed or now - last_heartbeat(t) <= live.grace_period:
+            continue
+        if isinstance(storage, RDBStorage) and cell_of(t) is None:
+            continue  # not a cell of the sweep: Optuna's own check decides
+        try:
+            frozen = study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, UpdateFinishedTrialError):
+            continue  # another worker failed it first, or it finished meanwhile
+        retry(study, frozen)
+        failed.append(t.number)
     if failed:
         states = cell_states(study)
         for number in failed:
@@ -370,5 +429,5 @@ def fail_stale(study: optuna.Study, storage: BaseStorage, live: Liveness,
             fate = ("re-queued" if s.waiting or s.running or s.complete else
                     f"given up after {s.fails} failed tries (--max-retries {live.max_retries})")
             say(f"[ablate] stale: {cell.name} (trial {number}, worker {t.user_attrs.get('worker', '?')}) sent no "
-                f"heartbeat for over {live.grace_period} s; failed it, cell {fate}")
+                f"heartbeat for over {live.grace_period} s; failed as stale, cell {fate}")
     return failed

@@ -23,6 +23,7 @@ class NanGradientOnFirstStep(pl.Callback):
         self.before: list[dict[str, torch.Tensor]] = []
         self.after: list[dict[str, torch.Tensor]] = []
         self.optimizer_states: list[int] = []
+        self.syncs: list[int] = []  # weight pushes to an engine with its own copy during each step
 
     @staticmethod
     def _weights(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
@@ -31,6 +32,7 @@ class NanGradientOnFirstStep(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self.before.append(self._weights(pl_module))
+        self.syncs.append(getattr(pl_module.engine, "syncs", 0))
         if batch_idx == 0:
             self.handles = [p.register_hook(lambda g: torch.full_like(g, float("nan")))
                             for p in pl_module.parameters() if p.requires_grad]
@@ -42,6 +44,7 @@ class NanGradientOnFirstStep(pl.Callback):
         self.handles = []
         self.after.append(self._weights(pl_module))
         self.optimizer_states.append(len(trainer.optimizers[0].state))
+        self.syncs[-1] = getattr(pl_module.engine, "syncs", 0) - self.syncs[-1]
 
 
 def test_a_nan_gradient_skips_the_step_and_is_counted(tiny_policy_dir: str, tmp_path: Path) -> None:
@@ -60,3 +63,18 @@ def test_a_nan_gradient_skips_the_step_and_is_counted(tiny_policy_dir: str, tmp_
         rows = [r for r in csv.DictReader(f) if r.get("skipped_steps")]
     assert [float(r["skipped_steps"]) for r in rows] == [1.0, 0.0]
     assert rows[0]["grad_norm"] == "nan" and float(rows[1]["grad_norm"]) > 0
+
+
+def test_a_skipped_step_pushes_no_weights(tiny_policy_dir: str, tmp_path: Path) -> None:
+    """An engine with its own copy of the weights (vLLM's case; tests/helpers/engines.CopyEngine) is synced after a
+    step that changed the weights, not after a skipped one (that would be a full weight push for nothing)."""
+    args = small_args(tiny_policy_dir, tmp_path, steps=2) + [
+        "--model.init_args.rollout", "tests.helpers.engines.CopyEngine",
+        "--trainer.callbacks+=tests.test_nonfinite_step.NanGradientOnFirstStep"]
+    cli = run_cli(args)
+    (probe,) = [c for c in cli.trainer.callbacks if isinstance(c, NanGradientOnFirstStep)]
+    assert probe.optimizer_states[0] == 0 and probe.syncs[0] == 0  # skipped: no push
+    assert probe.syncs[1] >= 1  # taken: pushed
+    with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("skipped_steps")]
+    assert [float(r["skipped_steps"]) for r in rows] == [1.0, 0.0] and float(rows[1]["grad_norm"]) > 0

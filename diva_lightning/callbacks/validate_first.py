@@ -14,46 +14,29 @@ two state changes around it) that Lightning runs at each `val_check_interval`: i
 `self.log` calls, at step 0, on every strategy, and it is skipped when a run resumes (global step > 0) so a
 resumed run never re-validates. Its validation also logs `val/before_training` = 1, so a reader of the metrics can tell
 the base policy's score (step 0) from the validation after the first step, which Lightning also logs at step 0
-when `val_check_interval` is 1 (`sweeps/runlog.val_curve` leaves it out of the training curve). Where the public
-API falls short: `Trainer.fit_loop.epoch_loop.val_loop` is a
-loop attribute, not a documented entry point; it is the object Lightning's own training loop calls.
+when `val_check_interval` is 1 (`sweeps/runlog.val_curve` leaves it out of the training curve). The validation
+pass itself is `ExtraValidation.validate` (shared with `ValidateAfterTraining`).
 """
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from diva_lightning.callbacks.extra_validation import ExtraValidation
 
-class ValidateBeforeTraining(Callback):
+
+class ValidateBeforeTraining(ExtraValidation):
     """Validate once before the first training step (logged at step 0); never on a resumed run.
 
     Args:
         enabled: switch it off without removing it from a config (e.g. for a quick smoke run).
     """
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.ran = False  # whether this instance validated before training (tests, logs)
-        self._running = False
+    marker = "val/before_training"
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or trainer.global_step > 0 or not trainer.enable_validation:
             return
-        # As Lightning's training epoch loop does at a validation check: mark the stage (so `self.log` reaches the
-        # fit loop's validation results), run the loop, return to training.
-        trainer.validating = True
-        self._running = True
-        try:
-            trainer.fit_loop.epoch_loop.val_loop.run()
-        finally:
-            self._running = False
-            trainer.training = True
-        self.ran = True
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._running:
-            pl_module.log("val/before_training", 1.0, rank_zero_only=True)
+        self.validate(trainer)

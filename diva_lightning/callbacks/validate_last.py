@@ -4,7 +4,7 @@ The authors validate once more when training ends, unless the last step just val
 (``verl/trainer/ray_trainer.py:1027-1035`` in Siaaaaaa1/DIVA_GRPO_release). Lightning validates only every
 `val_check_interval` training batches (with `check_val_every_n_epoch: null`), so a run whose last step is not a
 multiple of it ends without scoring its final policy. This callback runs the fit loop's own validation loop from
-`on_train_end`, as `ValidateBeforeTraining` does from `on_train_start` (same loop, same two state changes around it),
+`on_train_end` (`ExtraValidation.validate`, shared with `ValidateBeforeTraining`, which runs it from `on_train_start`),
 so it logs through the system's usual `self.log` calls at the final step. Its validation also logs
 `val/after_training` = 1. It is skipped when the last step already validated, when validation is off
 (`limit_val_batches: 0`) and when no step was taken.
@@ -13,22 +13,23 @@ so it logs through the system's usual `self.log` calls at the final step. Its va
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from diva_lightning.callbacks.extra_validation import ExtraValidation
 
-class ValidateAfterTraining(Callback):
+
+class ValidateAfterTraining(ExtraValidation):
     """Validate once after the last training step (see the module docs).
 
     Args:
         enabled: switch it off without removing it from a config.
     """
 
+    marker = "val/after_training"
+
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.ran = False  # whether this instance validated after training (tests, logs)
+        super().__init__(enabled)
         self._validated_at: int | None = None
-        self._running = False
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -39,16 +40,4 @@ class ValidateAfterTraining(Callback):
         step = trainer.global_step
         if not self.enabled or step == 0 or not trainer.enable_validation or self._validated_at == step:
             return
-        trainer.validating = True
-        self._running = True
-        try:
-            trainer.fit_loop.epoch_loop.val_loop.run()
-        finally:
-            self._running = False
-            trainer.training = True
-        self.ran = True
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._running:
-            pl_module.log("val/after_training", 1.0, rank_zero_only=True)
+        self.validate(trainer)

@@ -12,16 +12,18 @@ while they run."""
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from sweeps._common import Cell, TrialSettings
 from sweeps.ablate import SweepOptions, run_sweep, work
-from sweeps.study import Liveness, StorageUnavailable, cell_of, open_storage
+from sweeps.study import Liveness, StorageUnavailable, cell_of, fail_stale, open_storage
 from tests.sweeps.conftest import PostgresServer
 from tests.sweeps.runners import CsvRunner
 from tests.sweeps.test_ablate_runs import ablate, complete_cells, finish, trials
@@ -132,3 +134,58 @@ def test_real_fits_ride_out_a_restart_and_an_outage(postgres: PostgresServer, po
     assert complete_cells(done) == collections.Counter({("full", 0): 1, ("full", 1): 1})
     finish(ablate(tmp_path / "clean", tiny_policy_dir, *args))
     assert (tmp_path / "faulty" / "table2.csv").read_text() == (tmp_path / "clean" / "table2.csv").read_text()
+
+
+def _cell_trial(url: str, live: Liveness) -> tuple[optuna.Study, object, int]:
+    """A study on `url` with one cell's trial popped (RUNNING, as a worker holds it) and its database id."""
+    storage = open_storage(url, live)
+    study = optuna.create_study(storage=storage, study_name="stale")
+    study.enqueue_trial(CELLS[0].params, user_attrs=CELLS[0].params)
+    trial = study.ask()
+    return study, storage, storage.get_trial_id_from_study_id_trial_number(  # type: ignore[attr-defined]
+        storage.get_study_id_from_name("stale"), trial.number)  # type: ignore[attr-defined]
+
+
+def test_an_outage_past_the_grace_period_fails_no_live_cell(postgres: PostgresServer, postgres_url: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A waiting worker whose stale check rides out an outage longer than the grace period (but within the patience)
+    fails nothing until its worker has had a grace period to beat again; a cell that stays silent is failed then."""
+    live = Liveness(heartbeat_interval=1, grace_period=3, max_retries=1, storage_patience=60)
+    study, storage, trial_id = _cell_trial(postgres_url, live)
+
+    def beat() -> None:  # what a live worker's two heartbeat threads write
+        storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+        storage.set_trial_user_attr(trial_id, "heartbeat_at", time.time())
+
+    beat()
+    postgres.stop()
+    threading.Timer(4.5, postgres.start).start()  # down for longer than the grace period
+    assert fail_stale(study, storage, live) == []  # the check's first query waits for the server, then holds off
+    assert "[ablate] database back after" in capsys.readouterr().out
+    time.sleep(1.5)
+    beat()  # the live worker beats again
+    time.sleep(2.0)  # a grace period since the server came back; the last beat is 2 s old
+    assert fail_stale(study, storage, live) == []
+    time.sleep(3.5)  # now silent for longer than the grace period: a dead worker
+    assert fail_stale(study, storage, live) == [0]
+    assert "failed as stale, cell re-queued" in capsys.readouterr().out
+
+
+def test_a_running_trial_without_optuna_heartbeat_is_failed(postgres_url: str) -> None:
+    """A pop whose commit went through but whose answer was lost leaves a RUNNING trial that no worker runs and that
+    never got Optuna's heartbeat (Optuna's stale check skips it); the sweep's check fails it after the grace period
+    from its start, and its cell is queued again."""
+    live = Liveness(heartbeat_interval=1, grace_period=2, max_retries=1)
+    study, storage, _ = _cell_trial(postgres_url, live)
+    assert fail_stale(study, storage, live) == []  # just started
+    time.sleep(2.5)
+    assert fail_stale(study, storage, live) == [0]
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.WAITING]  # re-queued by the retry callback
+
+
+def test_settings_no_wait_cures_fail_at_once(postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt database name is not an outage: it fails on the first try, without waiting out the patience."""
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="does not exist"):
+        open_storage(postgres_url + "_typo", Liveness(storage_patience=600))
+    assert "retrying" not in capsys.readouterr().out

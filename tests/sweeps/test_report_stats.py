@@ -54,9 +54,9 @@ def test_per_seed_values_by_hand() -> None:
     assert hard[("full", 0)].auc == pytest.approx(0.2)
     # full seed 1: 160 x 0.2 + 160 x 0.5 = 112 -> 0.35; grpo: 16 / 320 = 0.05 and (16 + 32) / 320 = 0.15
     assert [hard[k].auc for k in (("full", 1), ("grpo", 0), ("grpo", 1))] == pytest.approx([0.35, 0.05, 0.15])
-    # smoothed over the two trained validations (window 3 shrinks to both): full 0.3 and 0.5 reach 0.3 at the
-    # first validation (160 rollouts); grpo 0.1 and 0.2 never do
-    assert [hard[k].to_target for k in (("full", 0), ("full", 1))] == [160.0, 160.0]
+    # trailing smoothing of the two trained validations: full seed 0 0.2, 0.3 reaches 0.3 at the second (320
+    # rollouts), seed 1 0.4, 0.5 at the first (160); grpo 0.0, 0.1 and 0.2, 0.2 never do
+    assert [hard[k].to_target for k in (("full", 0), ("full", 1))] == [320.0, 160.0]
     assert [hard[k].to_target for k in (("grpo", 0), ("grpo", 1))] == [math.inf, math.inf]
     assert [hard[k].collapsed for k in sorted(hard)] == [False, False, True, True]  # finals 0.4 0.6 | 0.2 0.2
     assert (hard[("full", 1)].final, hard[("full", 1)].best) == (0.6, 0.6)
@@ -72,7 +72,7 @@ def test_report_writes_intervals_differences_and_per_seed_files(tmp_path: Path) 
     # finals 0.4, 0.6: resampled means 0.4, 0.5, 0.6 -> 95% interval [0.4, 0.6]
     assert [float(full[k]) for k in ("final_mean", "final_low", "final_high", "worst")] == pytest.approx(
         [0.5, 0.4, 0.6, 0.4])
-    assert (full["collapsed"], full["reached"], float(full["to_target_median"])) == ("0", "2", 160.0)
+    assert (full["collapsed"], full["reached"], float(full["to_target_median"])) == ("0", "2", 240.0)
     grpo = rep[("grpo", "val/accuracy_hard")]
     assert (grpo["collapsed"], grpo["reached"], grpo["to_target_median"]) == ("2", "0", "inf")
     assert float(grpo["auc_mean"]) == pytest.approx(0.1)
@@ -87,7 +87,7 @@ def test_report_writes_intervals_differences_and_per_seed_files(tmp_path: Path) 
     lines = (tmp_path / "per_seed.md").read_text().splitlines()
     assert lines[0] == "| method | seed | final overall | final hard | AUC overall | AUC hard | to target hard |"
     # overall AUC of full seed 0: (0, 0.5) (160, 0.5) (320, 0.6): (160 x 0.5 + 160 x 0.55) / 320 = 0.525
-    assert lines[2] == "| full | 0 | 0.600 | 0.400 | 0.525 | 0.200 | 160 |"
+    assert lines[2] == "| full | 0 | 0.600 | 0.400 | 0.525 | 0.200 | 320 |"
     import matplotlib.image as mpimg
 
     img = mpimg.imread(tmp_path / "seeds_val_accuracy_hard.png")
@@ -125,7 +125,8 @@ def test_report_from_a_runs_folder_by_the_command_line(tmp_path: Path) -> None:
           "--base", "val/accuracy_hard=0", "val/accuracy=0.5"])
     with open(tmp_path / "out" / "replication.csv") as f:
         rep = {(r["row"], r["metric"]): r for r in csv.DictReader(f)}
-    # target 0.45: full's smoothed hard curves 0.3 and 0.5 -> one seed reaches it; the base anchors the window at 0
+    # target 0.45: full's smoothed hard curves end at 0.3 and 0.5 -> one seed reaches it; the base anchors the
+    # window at 0
     assert (rep[("full", "val/accuracy_hard")]["reached"], rep[("full", "val/accuracy_hard")]["auc_start"]) == (
         "1", "0.0")
     assert rep[("full", "val/accuracy")]["target"] == "0.55"  # the default target stays for the other metric

@@ -69,18 +69,22 @@ def test_difference_by_hand() -> None:
 
 def test_smooth_by_hand() -> None:
     curve = [(10, 0.0), (20, 0.3), (30, 0.6), (40, 0.3)]
-    # window 3: (0 + .3) / 2, (0 + .3 + .6) / 3, (.3 + .6 + .3) / 3, (.6 + .3) / 2
-    assert [v for _, v in smooth(curve, 3)] == pytest.approx([0.15, 0.3, 0.4, 0.45])
+    # window 3, trailing: 0, (0 + .3) / 2, (0 + .3 + .6) / 3, (.3 + .6 + .3) / 3 -- never a later point
+    assert [v for _, v in smooth(curve, 3)] == pytest.approx([0.0, 0.15, 0.3, 0.4])
+    assert [v for _, v in smooth(curve, 2)] == pytest.approx([0.0, 0.15, 0.45, 0.45])
     assert smooth(curve, 1) == curve
-    with pytest.raises(ValueError, match="odd"):
-        smooth(curve, 2)
+    with pytest.raises(ValueError, match=">= 1"):
+        smooth(curve, 0)
 
 
 def test_rollouts_to_target_by_hand() -> None:
-    # One lucky validation (0.5 at 800) does not count: smoothed 0.25, 0.2, 0.2, 0.35, 0.4 -> reaches 0.35 at 3200.
-    curve = [(800, 0.5), (1600, 0.0), (2400, 0.1), (3200, 0.5), (4000, 0.45)]
-    assert rollouts_to_target(curve, 0.35) == 3200
-    assert first_crossing(curve, 0.35) == 800  # the raw crossing the smoothing removes
+    # One lucky validation (0.6 at 1600) does not count: smoothed 0, 0.3, 0.2, 0.233, 0.367 -> reaches 0.35 at 4000
+    curve = [(800, 0.0), (1600, 0.6), (2400, 0.0), (3200, 0.1), (4000, 1.0)]
+    assert rollouts_to_target(curve, 0.35) == 4000
+    assert first_crossing(curve, 0.35) == 1600  # the raw crossing the smoothing removes
+    # Causal: a jump at the next validation does not credit this one (a centred window reached 0.4 at 1600 because
+    # of the 0.9 at 2400; trailing: 0, 0.15, 0.4)
+    assert rollouts_to_target([(800, 0.0), (1600, 0.3), (2400, 0.9)], 0.4) == 2400
     assert rollouts_to_target(curve, 0.9) == math.inf
 
 
@@ -203,5 +207,5 @@ def test_auc_matches_numpy_trapezoid_on_a_fine_grid(ys: list[float], budget_frac
 
 def test_smoothing_matches_numpy_convolution_inside() -> None:
     ys = [0.1, 0.4, 0.2, 0.5, 0.3, 0.6]
-    inner = np.convolve(ys, np.ones(3) / 3, mode="valid")  # the points with a full window
-    assert [v for _, v in smooth(list(enumerate(ys)), 3)][1:-1] == pytest.approx(inner.tolist())
+    inner = np.convolve(ys, np.ones(3) / 3, mode="valid")  # the points with a full window: 3rd onwards, trailing
+    assert [v for _, v in smooth(list(enumerate(ys)), 3)][2:] == pytest.approx(inner.tolist())

@@ -125,7 +125,7 @@ def test_silent_running_cell_is_failed_and_retried_on_the_journal(tmp_path: Path
     runner = PlainRunner()
     work(opts, runner)
     assert sorted(runner.calls) == opts.cells
-    assert ("[ablate] stale: full/seed0 (trial 0, worker ?) sent no heartbeat for over 2 s; failed it, cell "
+    assert ("[ablate] stale: full/seed0 (trial 0, worker ?) sent no heartbeat for over 2 s; failed as stale, cell "
             "re-queued") in capsys.readouterr().out
     trials = _trials(opts)
     assert trials[0].state == TrialState.FAIL

