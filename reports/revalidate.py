@@ -4,9 +4,9 @@
 
 Each run folder `runs/<row>/<seed>/` of an `ablate.py` sweep holds `config.yaml` (the resolved config) and
 `policy/` (the trained policy, exported at the end of fit). Each is validated with `python -m diva_lightning
-validate` on its own config, with `model.init_args.policy` pointed at that folder and the decoding overridden (the exported
-weights are all a validation needs; `--ckpt_path` would keep the decoding given too, but loads a whole checkpoint
-for nothing). The base policy is validated the same way with the config's own policy. Writes
+validate` on its own config, with `model.init_args.policy` pointed at that folder and the decoding
+overridden (the exported weights are all a validation needs; `--ckpt_path` would keep the decoding given too, but
+loads a whole checkpoint for nothing). The base policy is validated the same way with the config's own policy. Writes
 `<sweep>/revalidate_<tag>.md` and `.csv`: accuracy per run, and mean ± std (sample std) per row.
 """
 
