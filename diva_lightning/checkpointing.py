@@ -188,6 +188,14 @@ NOT_RUN_DEFINING = (
     "model.init_args.val_sampling",
     "model.init_args.micro_batch_size",
     "model.init_args.policy_config.gradient_checkpointing",
+    # memory and speed only: the padded and packed layouts give equal losses and gradients (tests), and the engine's
+    # memory settings do not change what it samples; a resume after an out-of-memory error may change them
+    "model.init_args.policy_config.padding_free",
+    "model.init_args.policy_config.max_tokens_per_micro_batch",
+    "model.init_args.policy_config.attn_implementation",
+    "model.init_args.rollout.init_args.gpu_memory_utilization",
+    "model.init_args.rollout.init_args.cpu_kv_cache_gib",
+    "model.init_args.rollout.init_args.sleep_mode",
     "data.init_args.val_source",
     "data.init_args.test_source",
     "data.init_args.predict_source",

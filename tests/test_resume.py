@@ -159,3 +159,25 @@ def test_evaluation_from_a_checkpoint_uses_the_decoding_asked_for(tiny_policy_di
                    "--model.init_args.val_sampling.top_p", "0.8", "--ckpt_path", str(ckpt)])
     assert cli.model.val_sampling.temperature == 0.9 and cli.model.val_sampling.top_p == 0.8
     assert type(cli.model.advantage).__name__ == "GRPOAdvantage"
+
+
+def test_memory_and_speed_settings_are_not_run_defining() -> None:
+    """A resume after an out-of-memory error may change the layout and the engine's memory (equal losses either
+    way), but a change of G is still a difference."""
+    from diva_lightning.checkpointing import run_settings, settings_differences
+
+    def config(g: int, padding_free: bool, budget: int | None, kv: int) -> dict:
+        return {"seed_everything": 0, "data": {}, "trainer": {},
+                "model": {"class_path": "diva_lightning.module.DivaGRPOModule",
+                          "init_args": {"num_generations": g,
+                                        "policy_config": {"padding_free": padding_free,
+                                                          "max_tokens_per_micro_batch": budget,
+                                                          "attn_implementation": "sdpa"},
+                                        "rollout": {"class_path": "diva_lightning.rollout.vllm.VLLMEngine",
+                                                    "init_args": {"cpu_kv_cache_gib": kv,
+                                                                  "gpu_memory_utilization": 0.4}}}}}
+
+    recorded = run_settings(config(5, True, None, 1))
+    assert settings_differences(recorded, run_settings(config(5, False, 4096, 2))) == []
+    changed = settings_differences(recorded, run_settings(config(4, True, None, 1)))
+    assert len(changed) == 1 and "num_generations" in changed[0]

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from diva_lightning.benchmarks.answers import boxed_answer, hedged, latex_value, strip_degrees, unwrap
 from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by
 from diva_lightning.data.schema import IMAGE_TAG, QuestionRecord
-from diva_lightning.rewards import choice_letter
+from diva_lightning.rewards.accuracy import choice_letter, named_letters
 
 _TAG = re.compile(r"<image\d+>")
 _UNITS = ("cm|mm|km|m|kg|mg|g|s|sec|min|h|hours?|ml|l|units?|degrees?|inch(?:es)?|ft|feet|yards?|miles?|"
@@ -105,15 +105,18 @@ def score(record: QuestionRecord, response: str) -> float:
     if pred is None:
         return 0.0
     options = record.meta.get("options") or []
-    gold_text = options[_letters(len(options)).index(record.answer)] if options else record.answer
-    if hedged(pred, record.answer) or hedged(pred, gold_text):
-        return 0.0  # several answers offered for one (issue 22)
     if options:
         letters = _letters(len(options))
-        named = choice_letter(pred)
+        named = choice_letter(pred)  # None for a box naming several letters
         if named is not None and named in letters:
             return float(named == record.answer)
-        return float(_equal(options[letters.index(record.answer)], pred))
+        gold_text = options[letters.index(record.answer)]
+        # the gold is the option's text here, not its letter: '1 and 3' answering '1 and 3' is one answer
+        if len(named_letters(pred)) > 1 or hedged(pred, gold_text):
+            return 0.0  # several answers offered for one (issue 22)
+        return float(_equal(gold_text, pred))
+    if hedged(pred, record.answer):
+        return 0.0
     return float(_equal(record.answer, pred))
 
 

@@ -141,7 +141,8 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         return np.repeat(level[:, :, None], 3, axis=2)
     if mode == "La":
         img = img.convert("LA")  # Pillow converts premultiplied grey only to LA
-    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in img.info)
+    # a colour key (PNG tRNS on P, L or RGB images) is transparency too
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
     rgb = _on_background(img) if has_alpha else img if mode == "RGB" else img.convert("RGB")
     return np.asarray(rgb, dtype=np.uint8)
 

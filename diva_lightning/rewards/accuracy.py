@@ -116,10 +116,11 @@ def choice_letter(s: str, *, gold: bool = False) -> str | None:
     return m.group(1).upper()
 
 
-# Further letters a box names besides its leading choice: any parenthesised letter, a capital standing alone,
-# or a lower-case letter right after a connector (``b or c``, ``b/c``).
-_OTHER_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)|(?<![A-Za-z0-9\\])([A-Z])(?![A-Za-z0-9])"
-                           r"|(?:[,;/&]|\bor\b|\band\b)\s*([a-z])(?![A-Za-z0-9])")
+# Further letters a box names besides its leading choice: any parenthesised letter, or a letter standing alone
+# right after a connector (``B or C``, ``b/c``, ``B \text{ or } C``). A capital elsewhere in the option text is
+# not a second choice: points, angles and units (``(B) Point P``, ``B. 3 N``, ``(B) \angle A``) stay one answer.
+_OTHER_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)"
+                           r"|(?:[,;/&]|\bor\b|\band\b)[\s}]*([A-Za-z])(?![A-Za-z0-9])")
 
 
 def named_letters(s: str) -> set[str]:
@@ -127,7 +128,7 @@ def named_letters(s: str) -> set[str]:
     s = _strip_wrappers(s)
     m = _CHOICE.match(s)
     letters = {m.group(1).upper()} if m else set()
-    letters.update((a or b or c).upper() for a, b, c in _OTHER_LETTER.findall(s))
+    letters.update((a or b).upper() for a, b in _OTHER_LETTER.findall(s))
     return letters
 
 

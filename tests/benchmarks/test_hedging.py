@@ -70,3 +70,18 @@ def test_option_helpers() -> None:
     assert hedged("x=4, x=3", "3") and hedged("B or C", "B")
     assert not hedged("3, 3", "3") and not hedged("1, 2", "1, 2") and not hedged("1+\\sqrt{2}, 1-\\sqrt{2}",
                                                                               "1 \\pm \\sqrt{2}")
+
+
+def test_mathvision_option_text_with_a_connector_is_one_answer() -> None:
+    """An option whose text holds 'and' or a comma, answered by its text or its letter, is one answer, not a hedge
+    (the hedge check compares with the option's text, not with its letter)."""
+    from diva_lightning.benchmarks import mathvision
+    from diva_lightning.data.schema import QuestionRecord
+
+    options = ["1 and 3", "2", "1, 2", "3"]
+    first = QuestionRecord(id="q", problem="p", answer="A", meta={"options": options})
+    third = QuestionRecord(id="q", problem="p", answer="C", meta={"options": options})
+    for response, record, expected in [("1 and 3", first, 1.0), ("(A) 1 and 3", first, 1.0), ("1, 2", third, 1.0),
+                                       ("(C) 1, 2", third, 1.0), ("A or C", first, 0.0), ("2 or 3", third, 0.0),
+                                       ("1 and 3", third, 0.0)]:
+        assert mathvision.score(record, f"\\boxed{{{response}}}") == expected, response

@@ -126,3 +126,16 @@ def test_other_modes_are_refused_naming_the_mode() -> None:
     with pytest.raises(ImageError, match=r"image mode 'HSV' is not supported; accepted modes: RGB, RGBX, L"):
         to_rgb(Image.new("HSV", (2, 2)))
     assert {"I;16", "F", "CMYK", "LA", "PA", "P", "1"} <= set(MODES)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_colour_key_is_transparent_on_white(mode: str) -> None:
+    """PNG's tRNS chunk on an RGB or grey image marks one colour transparent: a viewer shows the background there."""
+    key = (0, 0, 0) if mode == "RGB" else 0
+    img = Image.new(mode, (2, 2), key)
+    img.putpixel((0, 0), (200, 10, 10) if mode == "RGB" else 90)
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=key)
+    rgb = decode_bytes(buf.getvalue())
+    assert rgb[:, 1, 1].tolist() == [255, 255, 255]  # the keyed colour
+    assert rgb[:, 0, 0].tolist() == ([200, 10, 10] if mode == "RGB" else [90, 90, 90])

@@ -125,6 +125,9 @@ def test_grading_from_thread_pool_matches_main_thread() -> None:
     ("(C) 15 or (B) 20", "B", 0.0), ("b or c", "B", 0.0), ("B \\text{ or } C", "B", 0.0),
     ("B or b", "B", 1.0), ("(B) 15", "B", 1.0), ("B. 30°", "B", 1.0), ("(B) x+y", "B", 1.0), ("(b)", "B", 1.0),
     ("3 or 4", "3", 0.0), ("x = 3, x = 4", "3", 0.0), ("3 \\lor 4", "3", 0.0), ("yes or no", "yes", 0.0),
+    # a capital in the option text is a point, an angle or a unit, not a second choice (review of issue 22)
+    ("(B) Point P", "B", 1.0), ("B. 3 N", "B", 1.0), ("(B) \\angle A", "B", 1.0), ("A. 5 V", "A", 1.0),
+    ("(D) 2 A", "D", 1.0),
 ])
 def test_a_hedged_answer_scores_zero(boxed: str, gold: str, expected: float) -> None:
     """Issue 22: listing two letters used to collect the reward of each (a reward-hacking hole in RL)."""
