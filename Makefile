@@ -74,7 +74,7 @@ test-vllm: $(VLLM_STAMP)  # DIVA_REQUIRE_VLLM: a vllm that does not import fails
 	DIVA_REQUIRE_VLLM=1 $(VLLM_PY) -m pytest -m vllm $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check diva_lightning tests sweeps reports benchmarks examples
+	$(PY) -m ruff check diva_lightning tests sweeps reports benchmarks examples tools
 	$(PY) -m mypy
 
 bench: $(STAMP)

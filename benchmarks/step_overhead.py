@@ -42,14 +42,14 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
-from diva_lightning.algorithms import AdvantageEstimator, DivaAdvantage, GRPOAdvantage
 from diva_lightning.callbacks.difficulty import stats_from_outputs
 from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.data.batch import TIER_CODES, FamilyBatch, QuestionBatch
-from diva_lightning.data.datamodule import DivaDataModule, WorldConfig, apply_perturbations
-from diva_lightning.module import DivaGRPOModule, LossConfig, SamplingConfig
 from diva_lightning.rewards import CombinedReward
 from diva_lightning.rollout.hf import HFGenerateEngine
+from diva_lightning.system.datamodule import DivaDataModule, WorldConfig, apply_perturbations
+from diva_lightning.system.module import DivaGRPOModule, LossConfig, SamplingConfig
+from diva_lightning.training.estimators import AdvantageEstimator, DivaAdvantage, GRPOAdvantage
 
 TARGET_PCT = 2.0
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,9 +3,9 @@
 - `fit|validate|test|predict` are LightningCLI subcommands over `DivaGRPOModule` / `DivaDataModule` (or any
   subclass by `class_path`); `--print_config`, stacked `--config` files and `class_path`/`init_args` work as in
   Lightning. Links: `seed_everything` -> data and model seeds; `model.num_generations` -> data (rollout budget).
-- `warmup` builds the embedded base policy (SFT on the procedural world; see `diva_lightning.warmup`).
+- `warmup` builds the embedded base policy (SFT on the procedural world; see `diva_lightning.system.warmup`).
 - `test` writes per source the responses, the metrics and a Table-1 report to `<log_dir>/test/`; `predict`
-  writes the responses of `data.predict_source` to `<log_dir>/predict/` (`diva_lightning.evaluation`).
+  writes the responses of `data.predict_source` to `<log_dir>/predict/` (`diva_lightning.evaluation.run`).
 
 Before `fit`/`validate`/`test`, if the model's policy checkpoint is the embedded default and is missing, it is
 built first by running the warm-up recipe (printed, with progress) and then cached: never rebuilt when present.
@@ -27,10 +27,10 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from diva_lightning.checkpointing import check_resume_settings, load_lazily, run_settings, verify_checkpoint
-from diva_lightning.data.datamodule import DivaDataModule
 from diva_lightning.models.embedded import EMBEDDED, resolve_embedded
-from diva_lightning.module import DivaGRPOModule
+from diva_lightning.system.checkpointing import check_resume_settings, load_lazily, run_settings, verify_checkpoint
+from diva_lightning.system.datamodule import DivaDataModule
+from diva_lightning.system.module import DivaGRPOModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WARMUP_RECIPE = "experiments/warmup.yaml"
@@ -162,8 +162,8 @@ class DivaCLI(LightningCLI):
     def _check_skew_temperature(self) -> None:
         """A skewed world's shares were measured at one rollout temperature: training at another is an error
         before anything loads (the "hard" questions would not be hard)."""
-        from diva_lightning.data.datamodule import DivaDataModule
-        from diva_lightning.success_table import check_temperature, table_for
+        from diva_lightning.data.success import check_temperature, table_for
+        from diva_lightning.system.datamodule import DivaDataModule
 
         model, data = self.model, self.datamodule
         if not isinstance(model, DivaGRPOModule) or not isinstance(data, DivaDataModule):
@@ -187,7 +187,7 @@ class DivaCLI(LightningCLI):
 
     def after_test(self) -> None:
         """Write the responses, metrics and Table-1 report of every test source (rank 0) and say where."""
-        from diva_lightning.evaluation import decoding_of, headline_lines, write_test_outputs
+        from diva_lightning.evaluation.run import decoding_of, headline_lines, write_test_outputs
 
         out_dir = Path(self.trainer.log_dir or ".") / "test"  # log_dir is collective: every rank asks
         model = self.model
@@ -206,7 +206,7 @@ class DivaCLI(LightningCLI):
 
     def after_predict(self) -> None:
         """Write the responses of every predict source as the JSONL that `score` reads (rank 0)."""
-        from diva_lightning.evaluation import write_predictions
+        from diva_lightning.evaluation.run import write_predictions
 
         out_dir = Path(self.trainer.log_dir or ".") / "predict"
         model = self.model
@@ -285,8 +285,8 @@ def _console_logging() -> None:
     pkg.setLevel(logging.INFO)
 # Subcommands beside LightningCLI's fit/validate/test/predict: name -> "module:function(argv)" (imported on use).
 EXTRA_COMMANDS = {
-    "warmup": "diva_lightning.warmup:warmup_main",
-    "score": "diva_lightning.benchmarks.score:score_main",
+    "warmup": "diva_lightning.system.warmup:warmup_main",
+    "score": "diva_lightning.evaluation.score:score_main",
     "augment": "diva_lightning.teacher.augment:augment_main",
 }
 TRACEBACK_ENV = "DIVA_LIGHTNING_TRACEBACK"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from diva_lightning import calibrate as C
 from diva_lightning.data.schema import decode_image
 from diva_lightning.data.variants import HINT_PREFIX
 from diva_lightning.data.world import generate_world, world_corpus
 from diva_lightning.models.tiny import build_tiny_policy
+from tools import calibrate as C
 
 
 def _s(cond: str, level: int, correct: float, formatted: float = 1.0) -> C.Sample:

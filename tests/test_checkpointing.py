@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diva_lightning.checkpointing import AtomicCheckpointIO, CheckpointLoadError, verify_checkpoint
 from diva_lightning.cli import run_cli
+from diva_lightning.system.checkpointing import AtomicCheckpointIO, CheckpointLoadError, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

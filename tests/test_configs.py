@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from diva_lightning.algorithms import DivaAdvantage, GRPOAdvantage
 from diva_lightning.callbacks import DifficultyCallback
 from diva_lightning.cli import run_cli
-from diva_lightning.data.datamodule import DivaDataModule
-from diva_lightning.module import DivaGRPOModule
+from diva_lightning.system.datamodule import DivaDataModule
+from diva_lightning.system.module import DivaGRPOModule
+from diva_lightning.training.estimators import DivaAdvantage, GRPOAdvantage
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = REPO / "experiments/full.yaml"
@@ -139,7 +139,7 @@ def test_dapo_is_grpo_plus_dynamic_sampling(tmp_path: Path) -> None:
 
 
 def test_warmup_config_parses(tmp_path: Path) -> None:
-    from diva_lightning.warmup import SFTDataModule, SFTModule, WarmupCLI
+    from diva_lightning.system.warmup import SFTDataModule, SFTModule, WarmupCLI
 
     cli = WarmupCLI(SFTModule, SFTDataModule, run=False, args=[
         "--config", str(REPO / "experiments/warmup.yaml"), "--output_dir", str(tmp_path / "p"),

@@ -1,4 +1,4 @@
-"""Evaluation over named sources (`diva_lightning.evaluation`): the real data module builds the batches, the real
+"""Evaluation over named sources (`diva_lightning.evaluation.run`): the real data module builds the batches, the real
 benchmark scorers and reward grade them; hand-worked metrics; the rank gathering on two gloo processes."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diva_lightning.benchmarks import get_benchmark
-from diva_lightning.benchmarks.score import score_responses
 from diva_lightning.data.batch import FamilyBatch, QuestionBatch
-from diva_lightning.data.datamodule import DivaDataModule, eval_shard
 from diva_lightning.data.world import generate_world
-from diva_lightning.evaluation import EvalRun, EvalSource, log_values
+from diva_lightning.evaluation import get_benchmark
+from diva_lightning.evaluation.run import EvalRun, EvalSource, log_values
+from diva_lightning.evaluation.score import score_responses
 from diva_lightning.rewards import CombinedReward
+from diva_lightning.system.datamodule import DivaDataModule, eval_shard
 from tests.benchmarks.conftest import box, write_wemath
 from tests.helpers.rewards import contains_digit
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from diva_lightning.benchmarks.score import score_main
 from diva_lightning.cli import run_cli
 from diva_lightning.data.schema import QuestionRecord, write_records
+from diva_lightning.evaluation.score import score_main
 from tests.benchmarks.conftest import write_mathvista, write_mmk12, write_wemath
 
 REPO = Path(__file__).resolve().parents[1]

@@ -132,7 +132,7 @@ def test_validation_mean_at_k_grades_k_samples_per_question(tiny_policy_dir: str
 
 
 def test_sampling_config_errors_name_the_field() -> None:
-    from diva_lightning.module import DivaGRPOModule, SamplingConfig
+    from diva_lightning.system.module import DivaGRPOModule, SamplingConfig
 
     with pytest.raises(ValueError, match=r"val_sampling.num_samples > 1 needs temperature > 0"):
         DivaGRPOModule(val_sampling=SamplingConfig(temperature=0.0, num_samples=2))
@@ -145,7 +145,7 @@ def test_sampling_config_errors_name_the_field() -> None:
 def test_every_setting_is_checked_when_the_system_is_built() -> None:
     """Issue 11: loss settings used to be validated only after the first rollout. Now all problems, one message."""
     from diva_lightning.models.prompt import PromptConfig
-    from diva_lightning.module import CorrectionConfig, DivaGRPOModule, LossConfig, PolicyConfig
+    from diva_lightning.system.module import CorrectionConfig, DivaGRPOModule, LossConfig, PolicyConfig
 
     with pytest.raises(ValueError) as err:
         DivaGRPOModule(

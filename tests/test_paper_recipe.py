@@ -22,13 +22,13 @@ import pytest
 import torch
 import yaml
 
-from diva_lightning.algorithms import DivaAdvantage, GRPOAdvantage
 from diva_lightning.callbacks import DifficultyCallback, ValidateAfterTraining, ValidateBeforeTraining
 from diva_lightning.cli import run_cli
 from diva_lightning.core.difficulty import update_difficulty
 from diva_lightning.models.prompt import R1_INSTRUCTION
 from diva_lightning.rewards import CombinedReward
 from diva_lightning.rewards.released import ReleasedReward
+from diva_lightning.training.estimators import DivaAdvantage, GRPOAdvantage
 from sweeps._common import ROWS
 from tests.test_configs import _flat
 

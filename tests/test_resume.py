@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from diva_lightning.callbacks.advantage_monitor import rank_dependent
-from diva_lightning.checkpointing import RUN_SETTINGS_KEY
 from diva_lightning.cli import TRACEBACK_ENV, main, run_cli
-from diva_lightning.module import DivaGRPOModule
+from diva_lightning.system.checkpointing import RUN_SETTINGS_KEY
+from diva_lightning.system.module import DivaGRPOModule
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = REPO / "experiments"
@@ -108,7 +108,7 @@ def test_a_changed_setting_is_refused_naming_each_difference(tiny_policy_dir: st
     cli = run_cli(tiny_args(tiny_policy_dir, tmp_path / "run", [], 1, ck))
     (ckpt,) = ck.glob("*step=1.ckpt")
     record = torch.load(ckpt, map_location="cpu", weights_only=True)[RUN_SETTINGS_KEY]
-    assert record["model.init_args.advantage.class_path"] == "diva_lightning.algorithms.DivaAdvantage"
+    assert record["model.init_args.advantage.class_path"] == "diva_lightning.training.estimators.DivaAdvantage"
     assert record["model.init_args.num_generations"] == 5
     assert record["data.init_args.num_variants"] == 1
     assert "hyper_parameters" not in torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -119,8 +119,9 @@ def test_a_changed_setting_is_refused_naming_each_difference(tiny_policy_dir: st
         main([*resume, "--ckpt_path", str(ckpt)])
     err = capsys.readouterr().err
     assert f"cannot resume from {ckpt}:" in err
-    for line in ("  model.init_args.advantage.class_path: checkpoint 'diva_lightning.algorithms.DivaAdvantage', "
-                 "now 'diva_lightning.algorithms.GRPOAdvantage'",
+    for line in ("  model.init_args.advantage.class_path: checkpoint "
+                 "'diva_lightning.training.estimators.DivaAdvantage', "
+                 "now 'diva_lightning.training.estimators.GRPOAdvantage'",
                  "  model.init_args.num_generations: checkpoint 5, now 10",
                  "  data.init_args.num_variants: checkpoint 1, now 0",
                  "  trainer.callbacks.DifficultyCallback: checkpoint {'rule': 'linear', 'eta': 4.0, "):
@@ -144,7 +145,7 @@ def test_allowed_changes_run_what_the_command_line_says(tiny_policy_dir: str, tm
                    "--ckpt_path", str(ckpt)])
     assert isinstance(cli.model, DivaGRPOModule) and cli.model.num_generations == 4
     saved = (Path(cli.trainer.log_dir) / "config.yaml").read_text()
-    assert "num_generations: 4" in saved and "class_path: diva_lightning.algorithms.DivaAdvantage" in saved
+    assert "num_generations: 4" in saved and "class_path: diva_lightning.training.estimators.DivaAdvantage" in saved
 
 
 @pytest.mark.slow
@@ -164,11 +165,11 @@ def test_evaluation_from_a_checkpoint_uses_the_decoding_asked_for(tiny_policy_di
 def test_memory_and_speed_settings_are_not_run_defining() -> None:
     """A resume after an out-of-memory error may change the layout and the engine's memory (equal losses either
     way), but a change of G is still a difference."""
-    from diva_lightning.checkpointing import run_settings, settings_differences
+    from diva_lightning.system.checkpointing import run_settings, settings_differences
 
     def config(g: int, padding_free: bool, budget: int | None, kv: int) -> dict:
         return {"seed_everything": 0, "data": {}, "trainer": {},
-                "model": {"class_path": "diva_lightning.module.DivaGRPOModule",
+                "model": {"class_path": "diva_lightning.system.module.DivaGRPOModule",
                           "init_args": {"num_generations": g,
                                         "policy_config": {"padding_free": padding_free,
                                                           "max_tokens_per_micro_batch": budget,

@@ -16,7 +16,7 @@ from diva_lightning.data.world import format_response, generate_world
 from diva_lightning.models.policy import load_policy
 from diva_lightning.rewards import format_reward
 from diva_lightning.rollout.hf import HFGenerateEngine
-from diva_lightning.warmup import SFTDataModule, SFTModule, SFTWorld, _SFTExamples, hinted_problem
+from diva_lightning.system.warmup import SFTDataModule, SFTModule, SFTWorld, _SFTExamples, hinted_problem
 
 RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "warmup.yaml"
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from diva_lightning.benchmarks import get_benchmark
-from diva_lightning.benchmarks.answers import alternatives, chosen_option, hedged, option_key
 from diva_lightning.data.schema import QuestionRecord
+from diva_lightning.evaluation import get_benchmark
+from diva_lightning.evaluation.answers import alternatives, chosen_option, hedged, option_key
 
 from .conftest import box
 from .test_scorers import records  # noqa: F401  (the module-scoped fixture of native records)
@@ -75,8 +75,8 @@ def test_option_helpers() -> None:
 def test_mathvision_option_text_with_a_connector_is_one_answer() -> None:
     """An option whose text holds 'and' or a comma, answered by its text or its letter, is one answer, not a hedge
     (the hedge check compares with the option's text, not with its letter)."""
-    from diva_lightning.benchmarks import mathvision
     from diva_lightning.data.schema import QuestionRecord
+    from diva_lightning.evaluation import mathvision
 
     options = ["1 and 3", "2", "1, 2", "3"]
     first = QuestionRecord(id="q", problem="p", answer="A", meta={"options": options})

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from diva_lightning.benchmarks import get_benchmark
 from diva_lightning.data.schema import QuestionRecord
+from diva_lightning.evaluation import get_benchmark
 
 from .conftest import wemath_composite, write_mathverse, write_mathvision, write_mmk12, write_wemath
 

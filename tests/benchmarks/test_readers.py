@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from diva_lightning.benchmarks import BENCHMARKS, describe_load, get_benchmark
 from diva_lightning.data.schema import IMAGE_TAG, RecordError, decode_image, load_records, write_records
+from diva_lightning.evaluation import BENCHMARKS, describe_load, get_benchmark
 
 from .conftest import (
     mathvista_rows,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diva_lightning.benchmarks import table1_report
+from diva_lightning.evaluation import table1_report
 
 RESULTS = {
     "wemath": {"accuracy": 0.70, "score_strict": 0.693, "IK": 0.1},

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from diva_lightning.benchmarks import read_responses, write_responses
-from diva_lightning.benchmarks.score import score_main
+from diva_lightning.evaluation import read_responses, write_responses
+from diva_lightning.evaluation.score import score_main
 
 from .conftest import box, write_mathvista, write_wemath
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from diva_lightning.benchmarks import get_benchmark
-from diva_lightning.benchmarks.olympiad_judge import judge
 from diva_lightning.data.schema import QuestionRecord
+from diva_lightning.evaluation import get_benchmark
+from diva_lightning.evaluation.olympiad_judge import judge
 
 from .conftest import box, write_mathverse, write_mathvision, write_mathvista, write_mmk12, write_olympiad, write_wemath
 

@@ -1,4 +1,4 @@
-"""The injectable estimators of diva_lightning.algorithms: the official RRB threshold knobs and validation."""
+"""The injectable estimators of diva_lightning.training.estimators: the official RRB threshold knobs and validation."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from diva_lightning.algorithms import DivaAdvantage, GRPOAdvantage
 from diva_lightning.core.advantage import diva_advantages
+from diva_lightning.training.estimators import DivaAdvantage, GRPOAdvantage
 
 F64 = torch.float64
 

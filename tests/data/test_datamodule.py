@@ -6,7 +6,7 @@ import torch
 
 from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.data.batch import KIND_CODES, TIER_CODES
-from diva_lightning.data.datamodule import DivaDataModule, WorldConfig, apply_perturbations
+from diva_lightning.system.datamodule import DivaDataModule, WorldConfig, apply_perturbations
 
 
 def _dm(**kw: object) -> DivaDataModule:

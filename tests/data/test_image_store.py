@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diva_lightning.data.datamodule import DivaDataModule
 from diva_lightning.data.images import ImageError, ImageStore
 from diva_lightning.data.schema import QuestionRecord, RecordError, load_records, write_records
+from diva_lightning.system.datamodule import DivaDataModule
 from tests.data.corpus import solid_png, truncated
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)

@@ -9,10 +9,10 @@ import torch
 
 from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.data.batch import KIND_CODES
-from diva_lightning.data.datamodule import DivaDataModule
 from diva_lightning.data.planner import PlannedPrompt, PlanSettings, plan_families
 from diva_lightning.data.schema import QuestionRecord
 from diva_lightning.data.world import generate_world
+from diva_lightning.system.datamodule import DivaDataModule
 
 
 def _plan(records: list[QuestionRecord], d: float, v: int = 3, seed: int = 0, **kw: object) -> list[PlannedPrompt]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from diva_lightning.data.datamodule import DivaDataModule
 from diva_lightning.data.schema import RecordError, load_records_with_report
+from diva_lightning.system.datamodule import DivaDataModule
 
 ROWS = [{"id": "q1", "problem": "What is 1 + 2?", "answer": "3"},
         {"id": "q2", "problem": "What is 2 + 2?", "answer": "4"}]

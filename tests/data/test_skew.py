@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diva_lightning.data.datamodule import DivaDataModule, WorldConfig
 from diva_lightning.data.skew import SkewConfig, SuccessTable, compose, share_counts
 from diva_lightning.data.world import generate_world
 from diva_lightning.models.embedded import SHIPPED_DIR
+from diva_lightning.system.datamodule import DivaDataModule, WorldConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,7 +129,7 @@ def test_datamodule_composes_world_splits_by_the_table(tmp_path: Path) -> None:
 def test_shipped_table_matches_the_shipped_weights_and_skewed_yaml_composes_from_it() -> None:
     import yaml
 
-    from diva_lightning.success_table import table_for, weights_digest
+    from diva_lightning.data.success import table_for, weights_digest
 
     table = table_for("embedded")  # refuses a table measured on other weights
     assert table.weights_sha256 == weights_digest(SHIPPED_DIR)
@@ -149,7 +149,7 @@ def test_shipped_table_matches_the_shipped_weights_and_skewed_yaml_composes_from
 
 
 def test_a_table_of_other_weights_is_refused(tmp_path: Path) -> None:
-    from diva_lightning import success_table
+    from diva_lightning.data import success as success_table
 
     body = json.loads((SHIPPED_DIR / "success.json").read_text())
     body["weights_sha256"] = "f" * 64
@@ -164,7 +164,7 @@ def test_a_table_of_other_weights_is_refused(tmp_path: Path) -> None:
 def test_a_table_measured_at_another_temperature_is_refused(tmp_path: Path) -> None:
     """Shares measured at one rollout temperature are not hard or easy at another: check_temperature refuses the
     mismatch naming both, and a table written before the setting was recorded counts as temperature 1."""
-    from diva_lightning.success_table import check_temperature, table_for
+    from diva_lightning.data.success import check_temperature, table_for
 
     shipped = table_for("embedded")
     assert shipped.settings["temperature"] == 0.5  # experiments/skewed.yaml's rollout temperature
@@ -193,7 +193,7 @@ def test_fit_on_the_skewed_world_at_another_temperature_stops_before_training(tm
 def test_success_histograms_by_hand_and_the_plot_command(tmp_path: Path) -> None:
     """The histogram of right answers (counted by hand) and the comparison plot the docs show, drawn from files
     without measuring anything."""
-    from diva_lightning import success_table as st_mod
+    from diva_lightning.data import success as st_mod
 
     pool = generate_world(5, seed=0, split="train")
     t1 = _table(pool, [0, 0, 3, 4, 4], samples=4)

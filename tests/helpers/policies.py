@@ -9,7 +9,7 @@ import torch
 from diva_lightning.data.schema import decode_image
 from diva_lightning.data.world import generate_world
 from diva_lightning.models.policy import load_policy
-from diva_lightning.warmup import SFTModule
+from diva_lightning.system.warmup import SFTModule
 
 ALWAYS_B = "<think>B</think> \\boxed{B}"
 

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import torch
 
-from diva_lightning.checkpointing import AtomicCheckpointIO
+from diva_lightning.system.checkpointing import AtomicCheckpointIO
 
 
 class StallingCheckpointIO(AtomicCheckpointIO):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diva_lightning.module import DivaGRPOModule
 from diva_lightning.rewards import CombinedReward, FunctionReward, Reward, RewardBreakdown
+from diva_lightning.system.module import DivaGRPOModule
 
 REPO = Path(__file__).resolve().parents[2]
 USER = "tests.rewards.user_rewards"

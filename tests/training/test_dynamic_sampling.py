@@ -11,8 +11,8 @@ import torch
 from diva_lightning.cli import run_cli
 from diva_lightning.core.metrics import zero_std_fraction
 from diva_lightning.data.batch import merge_families
-from diva_lightning.data.datamodule import DivaDataModule
 from diva_lightning.rollout.base import Rollout
+from diva_lightning.system.datamodule import DivaDataModule
 from tests.test_module import REPO, _recorder, small_args
 
 DAPO = ["--config", str(REPO / "experiments/grpo.yaml"), "--config", str(REPO / "experiments/dapo.yaml")]

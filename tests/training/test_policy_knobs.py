@@ -15,7 +15,7 @@ from diva_lightning.data.schema import decode_image
 from diva_lightning.data.world import generate_world
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.policy import load_policy
-from diva_lightning.module import AUTHORS_PIXELS, DivaGRPOModule
+from diva_lightning.system.module import AUTHORS_PIXELS, DivaGRPOModule
 from diva_lightning.training.config import PolicyConfig
 from diva_lightning.training.sharding import check_strategy
 from tests.helpers.logp_probe import probe_inputs

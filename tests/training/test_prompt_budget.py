@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from diva_lightning.cli import run_cli
-from diva_lightning.data.datamodule import DivaDataModule
 from diva_lightning.data.planner import PlanSettings, plan_families
 from diva_lightning.data.schema import QuestionRecord, RecordError, decode_image, write_records
 from diva_lightning.data.world import generate_world
 from diva_lightning.models.policy import PolicyBundle, load_policy
+from diva_lightning.system.datamodule import DivaDataModule
 from diva_lightning.training.prompt_budget import PromptMeasure, longest_prompt, prompt_limit
 from tests.test_module import small_args
 

@@ -1,6 +1,6 @@
 """Measure a base policy's success rate per world question: the table the difficulty-skew knob composes from.
 
-`python -m diva_lightning.success_table --policy embedded --temperature 0.5 --train 2400 --val 720 --test 240`
+`python -m diva_lightning.data.success --policy embedded --temperature 0.5 --train 2400 --val 720 --test 240`
 
 samples ``--samples`` (16) responses per question of each split's pool (``generate_world(N, seed, split)``) with the
 RL rollout settings (``--temperature``, top_p 1, 80 new tokens, the R1 prompt) and grades them with the RL reward's
@@ -87,7 +87,7 @@ def check_table(table: SuccessTable, policy_dir: str | Path, where: str) -> Succ
     actual = weights_digest(policy_dir)
     if table.weights_sha256 != actual:
         raise ValueError(f"{where}: measured on weights {table.weights_sha256[:12]}..., but the policy at {policy_dir} "
-                         f"is {actual[:12]}...: re-measure it (python -m diva_lightning.success_table --policy "
+                         f"is {actual[:12]}...: re-measure it (python -m diva_lightning.data.success --policy "
                          f"{policy_dir})")
     return table
 
@@ -102,7 +102,7 @@ def check_temperature(table: SuccessTable, temperature: float, where: str) -> Su
     if abs(measured - temperature) > 1e-9:
         raise ValueError(f"{where}: the success table was measured at temperature {measured:g}, but the rollouts "
                          f"sample at {temperature:g}: set model.init_args.train_sampling.temperature: {measured:g}, or "
-                         f"re-measure the table (python -m diva_lightning.success_table --temperature {temperature:g})")
+                         f"re-measure the table (python -m diva_lightning.data.success --temperature {temperature:g})")
     return table
 
 
@@ -152,7 +152,7 @@ def plot_histograms(tables: Mapping[str, SuccessTable], path: str | Path) -> Pat
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m diva_lightning.success_table", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m diva_lightning.data.success", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default=EMBEDDED, help="'embedded' (the shipped base policy) or a checkpoint dir")
     p.add_argument("--out", default=None, help="output file (default: success.json beside the shipped policy "

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import boxed_answer, chosen_option, inline_options
-from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by
 from diva_lightning.data.schema import IMAGE_TAG, QuestionRecord
+from diva_lightning.evaluation.answers import boxed_answer, chosen_option, inline_options
+from diva_lightning.evaluation.base import Benchmark, Row, accuracy_by
 from diva_lightning.rewards import choice_letter
 
 

@@ -302,7 +302,7 @@ class DivaDataModule(pl.LightningDataModule):
             raise FileNotFoundError(f"DivaDataModule: {split} source {source.path!r} does not exist "
                                     f"(resolved: {path.absolute()})")
         if source.benchmark is not None:
-            from diva_lightning.benchmarks import get_benchmark
+            from diva_lightning.evaluation import get_benchmark
 
             records, report = get_benchmark(source.benchmark).read(path, on_error="collect")
             records = self._check_images(records, report)
@@ -317,7 +317,7 @@ class DivaDataModule(pl.LightningDataModule):
         skew = self.world.skew
         if skew is None:
             return generate_world(size, seed=self.world.seed, split=split, **self.world.generator_args())
-        from diva_lightning.success_table import table_for
+        from diva_lightning.data.success import table_for
 
         table = table_for(skew.table)
         where = f"DivaDataModule: world.skew ({split} split, table {skew.table!r})"
@@ -603,7 +603,7 @@ def _check_sources(sources: dict[str, Source], setting: str) -> list[str]:
         if name and not all(c.isalnum() or c in "_-." for c in name):
             problems.append(f"{setting}: source name {name!r} may hold letters, digits, '_', '-', '.' only")
         if src.benchmark is not None:
-            from diva_lightning.benchmarks import BENCHMARKS
+            from diva_lightning.evaluation import BENCHMARKS
 
             if src.benchmark.lower() not in BENCHMARKS:
                 problems.append(f"{setting}.{name}: unknown benchmark {src.benchmark!r}; one of "

@@ -26,7 +26,7 @@ from typing import Any
 
 from sympy import Basic, simplify
 
-from diva_lightning.benchmarks.answers import parse_expr
+from diva_lightning.evaluation.answers import parse_expr
 
 DEFAULT_TOLERANCE = 1e-8
 _REPLACE = (("\\left", ""), ("\\right", ""), ("∶", ":"), ("，", ","), ("$", ""), ("\\approx", "="),

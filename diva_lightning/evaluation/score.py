@@ -19,11 +19,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diva_lightning.benchmarks.base import Benchmark, describe_load
-from diva_lightning.benchmarks.responses import read_responses
 from diva_lightning.data.schema import QuestionRecord, RecordError
+from diva_lightning.evaluation.base import Benchmark, describe_load
+from diva_lightning.evaluation.responses import read_responses
 
-PROTOCOL = "rule-based scoring of the last \\boxed{} answer (no GPT judge); see diva_lightning/benchmarks/"
+PROTOCOL = "rule-based scoring of the last \\boxed{} answer (no GPT judge); see diva_lightning/evaluation/"
 
 
 @dataclass
@@ -71,7 +71,7 @@ def format_table(metrics: Mapping[str, float]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from diva_lightning.benchmarks import BENCHMARKS
+    from diva_lightning.evaluation import BENCHMARKS
 
     p = argparse.ArgumentParser(prog="python -m diva_lightning score",
                                 description="Grade saved responses on a benchmark's native file, without a model.")
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def score_main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m diva_lightning score`` (see the module docstring)."""
-    from diva_lightning.benchmarks import get_benchmark
+    from diva_lightning.evaluation import get_benchmark
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     bench = get_benchmark(args.benchmark)

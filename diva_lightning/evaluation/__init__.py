@@ -10,10 +10,10 @@ command is :func:`.score.score_main`; :func:`.report.table1_report` writes the T
 rule-based everywhere (no GPT judge); each module's docstring lists where it departs from the official scorer.
 """
 
-from diva_lightning.benchmarks import mathverse, mathvision, mathvista, mmk12, olympiadbench, wemath
-from diva_lightning.benchmarks.base import Benchmark, describe_load
-from diva_lightning.benchmarks.report import table1_report
-from diva_lightning.benchmarks.responses import read_responses, write_responses
+from diva_lightning.evaluation import mathverse, mathvision, mathvista, mmk12, olympiadbench, wemath
+from diva_lightning.evaluation.base import Benchmark, describe_load
+from diva_lightning.evaluation.report import table1_report
+from diva_lightning.evaluation.responses import read_responses, write_responses
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b

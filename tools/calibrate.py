@@ -1,6 +1,6 @@
 """Calibration report of a base policy on the procedural world's validation split.
 
-`python -m diva_lightning.calibrate --policy embedded --out DIR [--n N --seed S]` (``--skew``: the difficulty
+`python -m tools.calibrate --policy embedded --out DIR [--n N --seed S]` (``--skew``: the difficulty
 skew's hard and easy shares, see :func:`skew_main`)
 
 writes ``DIR/calibration.md`` (tables), ``DIR/calibration.csv`` (one row per condition x level) and
@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 
 from diva_lightning.core.tiers import IMAGE_OPS, VariantSpec, plan_variants
-from diva_lightning.data.datamodule import apply_perturbations
 from diva_lightning.data.perturb import PerturbParams, params_for
 from diva_lightning.data.schema import QuestionRecord, decode_image
 from diva_lightning.data.variants import render_variant
@@ -48,6 +47,7 @@ from diva_lightning.data.world import generate_world
 from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.rewards import accuracy_reward, format_reward
 from diva_lightning.rollout.hf import HFGenerateEngine
+from diva_lightning.system.datamodule import apply_perturbations
 
 INTENSITIES: tuple[float, ...] = (0.2, 0.4, 0.6)  # the planner's intensity_range is (0.2, 0.6)
 HINT_STEPS: tuple[int, ...] = (1, 2, 3)
@@ -453,7 +453,7 @@ def _skew_plot(by_share: dict[str, list[Sample]], path: Path, temperature: float
 
 def skew_main(args: argparse.Namespace) -> dict[str, Path]:
     from diva_lightning.data.skew import SkewConfig
-    from diva_lightning.success_table import table_for
+    from diva_lightning.data.success import table_for
 
     t0 = time.perf_counter()
     table = table_for(args.table)
@@ -487,7 +487,7 @@ def skew_main(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    p = argparse.ArgumentParser(prog="python -m diva_lightning.calibrate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--policy", default="embedded", help="'embedded' (the shipped base policy) or a checkpoint dir")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--n", type=int, default=250, help="validation questions (cycled over families x levels)")

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from diva_lightning.benchmarks import Benchmark, get_benchmark, table1_report, write_responses
-from diva_lightning.benchmarks.score import PROTOCOL
 from diva_lightning.data.schema import QuestionRecord
+from diva_lightning.evaluation import Benchmark, get_benchmark, table1_report, write_responses
+from diva_lightning.evaluation.score import PROTOCOL
 from diva_lightning.rewards import Reward, format_reward
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ One `training_step` is one DIVA round (design.md section 2):
 6. return per-response outputs; `DifficultyCallback` and `AdvantageMonitor` consume them.
 
 Validation, test and predict sample with `val_sampling` and grade each source by its own rule
-(`diva_lightning.evaluation`: a benchmark's scorer, or the reward); test and predict results are kept in
+(`diva_lightning.evaluation.run`: a benchmark's scorer, or the reward); test and predict results are kept in
 `test_results` / `predict_results` for the CLI to write.
 
 Staying on-policy (issue 11): old log-probs equal the current ones only when the engine samples from the trained
@@ -45,14 +45,12 @@ from torch import Tensor
 from transformers import AutoConfig
 from typing_extensions import override
 
-from diva_lightning.algorithms import AdvantageEstimator, DivaAdvantage
-from diva_lightning.checkpointing import RUN_SETTINGS_KEY, check_resume_settings
 from diva_lightning.core.correction import importance_weights
 from diva_lightning.core.filtering import select_units, spread_filter
 from diva_lightning.core.loss import truncation_mask
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch, merge_families
-from diva_lightning.evaluation import EvalRun, SourceResult, log_values, sources_of
+from diva_lightning.evaluation.run import EvalRun, SourceResult, log_values, sources_of
 from diva_lightning.models.embedded import EMBEDDED
 from diva_lightning.models.logprobs import (
     StepImages,
@@ -73,6 +71,7 @@ from diva_lightning.models.vision import VisionSpec
 from diva_lightning.rewards import CombinedReward, Reward, RewardBreakdown
 from diva_lightning.rollout.base import Rollout, RolloutEngine
 from diva_lightning.rollout.hf import HFGenerateEngine
+from diva_lightning.system.checkpointing import RUN_SETTINGS_KEY, check_resume_settings
 from diva_lightning.training import sharding
 from diva_lightning.training.config import (
     CorrectionConfig,
@@ -81,6 +80,7 @@ from diva_lightning.training.config import (
     PolicyConfig,
     SamplingConfig,
 )
+from diva_lightning.training.estimators import AdvantageEstimator, DivaAdvantage
 from diva_lightning.training.ppo import PPOUpdate, UpdateBatch
 from diva_lightning.training.precision import MasterWeightAdamW, check_precision, needs_master_weights
 from diva_lightning.training.prompt_budget import PromptMeasure, longest_prompt, prompt_limit

@@ -30,9 +30,9 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import boxed_answer, chosen_option
-from diva_lightning.benchmarks.base import Benchmark, Row, place_single_image
 from diva_lightning.data.schema import QuestionRecord
+from diva_lightning.evaluation.answers import boxed_answer, chosen_option
+from diva_lightning.evaluation.base import Benchmark, Row, place_single_image
 
 _KEY = re.compile(r"(\d+)steps_(\d+|multi)")
 _OPTION = re.compile(r"([A-H])\.\s*(.*?)\s*(?=;\s*[A-H]\.|$)", re.DOTALL)

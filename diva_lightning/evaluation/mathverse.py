@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import boxed_answer, chosen_option, hedged, inline_options
-from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by, place_single_image
 from diva_lightning.data.schema import QuestionRecord
+from diva_lightning.evaluation.answers import boxed_answer, chosen_option, hedged, inline_options
+from diva_lightning.evaluation.base import Benchmark, Row, accuracy_by, place_single_image
 from diva_lightning.rewards import accuracy_reward, choice_letter
 
 VERSIONS = ("Text Dominant", "Text Lite", "Vision Intensive", "Vision Dominant", "Vision Only")

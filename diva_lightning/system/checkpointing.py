@@ -20,7 +20,7 @@ Use it with ``trainer.plugins`` (see experiments/full.yaml)::
 
     trainer:
       plugins:
-        - class_path: diva_lightning.checkpointing.AtomicCheckpointIO
+        - class_path: diva_lightning.system.checkpointing.AtomicCheckpointIO
 
 It applies to the single-file checkpoints of the single-device, DDP and FSDP-full-state strategies; FSDP's
 sharded checkpoints (a folder written by `torch.distributed.checkpoint`) do not go through a `CheckpointIO`.

@@ -29,9 +29,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import boxed_answer, hedged, latex_value, strip_degrees, unwrap
-from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by
 from diva_lightning.data.schema import IMAGE_TAG, QuestionRecord
+from diva_lightning.evaluation.answers import boxed_answer, hedged, latex_value, strip_degrees, unwrap
+from diva_lightning.evaluation.base import Benchmark, Row, accuracy_by
 from diva_lightning.rewards.accuracy import choice_letter, named_letters
 
 _TAG = re.compile(r"<image\d+>")

@@ -32,7 +32,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import (
+from diva_lightning.data.schema import QuestionRecord
+from diva_lightning.evaluation.answers import (
     boxed_answer,
     hedged,
     levenshtein,
@@ -42,8 +43,7 @@ from diva_lightning.benchmarks.answers import (
     text_key,
     unwrap,
 )
-from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by, place_single_image
-from diva_lightning.data.schema import QuestionRecord
+from diva_lightning.evaluation.base import Benchmark, Row, accuracy_by, place_single_image
 from diva_lightning.rewards.accuracy import named_letters
 
 QUESTION_TYPES = ("multi_choice", "free_form")

@@ -25,10 +25,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from diva_lightning.benchmarks.answers import boxed_answer, hedged
-from diva_lightning.benchmarks.base import Benchmark, Row, accuracy_by
-from diva_lightning.benchmarks.olympiad_judge import DEFAULT_TOLERANCE, judge
 from diva_lightning.data.schema import IMAGE_TAG, ImageRef, QuestionRecord
+from diva_lightning.evaluation.answers import boxed_answer, hedged
+from diva_lightning.evaluation.base import Benchmark, Row, accuracy_by
+from diva_lightning.evaluation.olympiad_judge import DEFAULT_TOLERANCE, judge
 
 _TAG = re.compile(r"<(image|img)_(\d+)>")
 _TYPE_TEXT = {"Numerical": "a numerical value", "Expression": "an expression", "Equation": "an equation",

@@ -17,19 +17,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 Metrics = Mapping[str, float]
-NOTE = ("Rule-based scoring of the last \\boxed{} answer (no GPT judge; see diva_lightning/benchmarks/). The paper's "
+NOTE = ("Rule-based scoring of the last \\boxed{} answer (no GPT judge; see diva_lightning/evaluation/). The paper's "
         "numbers come from GPT-judged protocols, so compare rows of this table with each other, not with the paper.")
 
 
 def _order(names: list[str]) -> list[str]:
-    from diva_lightning.benchmarks import BENCHMARKS
+    from diva_lightning.evaluation import BENCHMARKS
 
     known = [n for n in BENCHMARKS if n in names]
     return known + [n for n in names if n not in known]
 
 
 def _title_and_headline(name: str, headline: Mapping[str, str] | None) -> tuple[str, str]:
-    from diva_lightning.benchmarks import BENCHMARKS
+    from diva_lightning.evaluation import BENCHMARKS
 
     bench = BENCHMARKS.get(name)
     title = bench.title if bench else name

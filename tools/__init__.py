@@ -1,0 +1,1 @@
+"""Analyses that read the package from outside: the calibration report and the measured success table."""
