@@ -11,7 +11,7 @@ ones, and do paraphrases leave accuracy alone?
 
 Every variant is built the way the RL data module builds it: the text by ``data.variants.render_variant``
 from a real ``core.tiers.VariantSpec`` (paraphrase, hint, rotation notice), the image by
-``data.perturb.params_for`` + ``data.datamodule.apply_perturbations`` (Kornia). Conditions:
+``data.perturb.params_for`` + ``system.datamodule.apply_perturbations`` (Kornia). Conditions:
 
 - ``original``, ``paraphrase`` (paraphrase ``i % 5`` of question i), ``blank`` (image replaced by white:
   the text-only floor, which shows that vision matters);
