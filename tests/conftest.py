@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from diva_lightning.models.policy import PolicyBundle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -39,3 +43,11 @@ def tiny_policy_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("tiny_policy")
     build_tiny_policy(out, world_corpus(generate_world(300, seed=0, split="train")), seed=0)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_policy_dir: str) -> PolicyBundle:
+    """The tiny policy of ``tiny_policy_dir``, loaded once per test module (tests that change the model copy it)."""
+    from diva_lightning.models.policy import load_policy
+
+    return load_policy(tiny_policy_dir)

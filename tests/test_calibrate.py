@@ -167,21 +167,45 @@ def test_skew_verdict_is_on_the_run_planners_weaker_variant(tmp_path: Path) -> N
 
 
 def test_skew_conditions_follow_skewed_yaml() -> None:
-    """The calibration's default planner settings are experiments/skewed.yaml's (one place would drift otherwise)."""
+    """The calibration's default planner settings are read from experiments/skewed.yaml (not copied into the tool)."""
     import yaml
 
     cfg = yaml.safe_load((Path(__file__).parents[1] / "experiments" / "skewed.yaml").read_text())["data"]["init_args"]
-    assert tuple(cfg["intensity_range"]) == C.SKEW_INTENSITY and tuple(cfg["image_ops"]) == C.SKEW_OPS
+    run = C.skewed_run()
+    assert run.intensity_range == tuple(cfg["intensity_range"]) == (0.8, 1.0)
+    assert run.image_ops == tuple(cfg["image_ops"]) and run.skew.hard_below == cfg["world"]["skew"]["hard_below"]
     conds = {c.name: c for c in C.skew_conditions("easy")}
-    assert conds["run_plan@1"].plan_intensity == (0.8, 1.0) and conds["run_plan@1"].plan_ops == C.SKEW_OPS
-    assert conds["plan@1"].plan_intensity == (0.2, 0.6) and conds["plan@1"].plan_ops is None
+    assert conds["run_plan@1"].plan_intensity == (0.8, 1.0) and conds["run_plan@1"].plan_ops == run.image_ops
+    assert conds["plan@1"].plan_intensity is None and conds["plan@1"].plan_ops is None  # the planner's defaults
+    default_plan = C.variant_spec(conds["plan@1"], 0, seed=0)
+    assert default_plan is not None and default_plan.intensity == pytest.approx(0.6)
     # the run's planner at D = 1 perturbs with its own ops only, at the top of its range
     for i in range(20):
         spec = C.variant_spec(conds["run_plan@1"], i, seed=0)
-        assert spec is not None and spec.kind == "image" and set(spec.image_ops) <= set(C.SKEW_OPS)
+        assert spec is not None and spec.kind == "image" and set(spec.image_ops) <= set(run.image_ops)
         assert spec.intensity == pytest.approx(1.0)
     with pytest.raises(ValueError, match="share"):
         C.skew_conditions("middle")
+
+
+def test_skew_inputs_are_checked_and_the_goals_come_from_the_goals_file(tmp_path: Path) -> None:
+    """A skewed config without the planner's settings, or a goals file with a wrong field, is an error naming the file
+    and what is missing; the verdicts follow the goals handed in."""
+    bad = tmp_path / "skewed.yaml"
+    bad.write_text("data:\n  init_args:\n    intensity_range: [0.8, 1.0]\n")
+    with pytest.raises(ValueError, match=r"skewed.yaml: missing \['data.init_args.image_ops', "
+                                         r"'data.init_args.world.skew'\]"):
+        C.skewed_run(bad)
+    goals = C.load_goals()
+    assert goals == C.SkewGoals(hard_p_below=0.1, easy_p_above=0.9, hint_gain=25.0, perturb_drop=-15.0)
+    (tmp_path / "goals.yaml").write_text("hard_p_below: 0.1\nhint_gain: 25\n")
+    with pytest.raises(ValueError, match="goals.yaml: needs exactly the fields"):
+        C.load_goals(tmp_path / "goals.yaml")
+    hard = [C.Sample("original", 1, "compare", "a", 0.0, 1.0), C.Sample("hint1", 1, "compare", "a", 1.0, 1.0)]
+    strict = C.SkewGoals(hard_p_below=0.0, easy_p_above=0.9, hint_gain=200.0, perturb_drop=-15.0)
+    md = C.skew_report(tmp_path, {"hard": hard}, meta="hand-built", goals=strict)["md"].read_text()
+    assert "hard: p = 0.000 (goal < 0: NOT met); best hint hint1: +100.0 points on the same questions " \
+           "(goal >= +200: NOT met)" in md
 
 
 def test_skew_calibration_of_the_shipped_policy_runs_through_the_command(tmp_path: Path) -> None:

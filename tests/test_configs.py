@@ -1,7 +1,11 @@
-"""Every shipped YAML parses through the real CLI, and each ablation switches off exactly its component."""
+"""Every shipped YAML parses through the real CLI, each ablation switches off exactly its component, and every
+class_path in the configs, docs and tests names an importable class."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +178,75 @@ def test_every_key_in_full_is_commented() -> None:
         key, _, value = stripped.partition(":")
         if value.strip() and not value.strip().startswith("#"):
             assert "#" in value, f"full.yaml: key {key!r} has no comment"
+
+
+# A dotted name of a class: a package the configs draw from, modules, then a capitalised last part.
+_CLASS_NAME = re.compile(r"\b((?:diva_lightning|lightning|torch|tests)(?:\.[a-z_][a-z0-9_]*)+\.[A-Z]\w*)\b")
+
+
+def _class_paths(node: Any) -> set[str]:
+    """Every ``class_path`` value of a parsed config (nested init_args and lists included)."""
+    if isinstance(node, dict):
+        own = {node["class_path"]} if isinstance(node.get("class_path"), str) else set()
+        return own.union(*(_class_paths(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_class_paths(v) for v in node))
+    return set()
+
+
+def _class_references() -> dict[str, set[str]]:
+    """dotted class name -> the files naming it: every class_path of every shipped config (parsed), and the dotted
+    class names on the lines of the configs' comments, docs/*.md and README.md that name a class_path, and in the
+    quoted strings of tests/, sweeps/, benchmarks/ and examples/."""
+    import yaml
+
+    refs: dict[str, set[str]] = {}
+
+    def add(names: set[str], path: Path) -> None:
+        for name in names:
+            refs.setdefault(name, set()).add(str(path.relative_to(REPO)))
+
+    for path in sorted((REPO / "experiments").rglob("*.yaml")):
+        add(_class_paths(yaml.safe_load(path.read_text())), path)
+    for path in [*sorted((REPO / "experiments").rglob("*.yaml")), *sorted((REPO / "docs").glob("*.md")),
+                 REPO / "README.md"]:
+        add({n for line in path.read_text().splitlines() if "class_path" in line for n in _CLASS_NAME.findall(line)},
+            path)
+    for folder in ("tests", "sweeps", "benchmarks", "examples"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            add(set(re.findall(r"[\"']" + _CLASS_NAME.pattern + r"[\"']", path.read_text())), path)
+    return refs
+
+
+def _resolve(name: str) -> object:
+    """The object a dotted name names, importing the longest importable module prefix (as jsonargparse does)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: object = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(name)
+
+
+def test_every_class_path_in_configs_docs_and_tests_names_an_importable_class() -> None:
+    """A class that moves (or is renamed) without its references in configs, docs and tests fails here, naming the
+    files that still name it."""
+    refs = _class_references()
+    # the shipped configs' components, the docs' examples and the tests' strings are all found
+    for name in ("diva_lightning.system.module.DivaGRPOModule", "diva_lightning.training.estimators.DivaAdvantage",
+                 "lightning.pytorch.loggers.CSVLogger", "diva_lightning.rewards.FunctionReward"):
+        assert name in refs, name
+    broken = {}
+    for name, files in sorted(refs.items()):
+        try:
+            obj = _resolve(name)
+        except (ImportError, AttributeError) as err:
+            broken[name] = f"{sorted(files)}: {err}"
+            continue
+        if not inspect.isclass(obj):
+            broken[name] = f"{sorted(files)}: not a class but {type(obj).__name__}"
+    assert not broken, "class paths that resolve to no class:\n" + "\n".join(f"{k} in {v}" for k, v in broken.items())

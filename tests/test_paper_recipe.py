@@ -92,13 +92,15 @@ def test_recipe_holds_the_authors_values(recipe: Any) -> None:
     trainer, model, data = recipe.trainer, recipe.model, recipe.datamodule
     # 8 GPUs, FSDP2 (ModelParallelStrategy, data parallel 8), bf16 compute with float32 master weights
     assert isinstance(trainer.strategy, ModelParallelStrategy) and trainer.num_devices == 8
-    assert trainer.strategy._data_parallel_size == 8 and trainer.strategy._tensor_parallel_size == 1
+    strategy = {k.rsplit(".", 1)[1]: v for k, v in _resolved(FULL, *SCALE).items()
+                if k.startswith("trainer.strategy.init_args.")}  # what the strategy is built from
+    assert (strategy["data_parallel_size"], strategy["tensor_parallel_size"]) == (8, 1)
     assert trainer.precision == "bf16-mixed" and model.policy_cfg.dtype == "float32"
     assert model.policy_cfg.gradient_checkpointing and not model.policy_cfg.freeze_vision_tower
     assert model.policy_cfg.lora is None and model.policy_path == "Qwen/Qwen2.5-VL-7B-Instruct"
     # n = 5; 64 originals + 64 variants per step = 8 questions per GPU x 8 GPUs, V = 1; 640 responses
     assert model.num_generations == 5 and data.num_variants == 1 and data.plan == "tiers"
-    assert data.questions_per_step * trainer.strategy._data_parallel_size == 64
+    assert data.questions_per_step * strategy["data_parallel_size"] == 64
     assert _budget(_resolved(FULL, *SCALE), dp=8) == 640
     # one update per step: one PPO epoch over one mini-batch (the round's responses)
     assert model.update.epochs == 1 and model.update.mini_batch_size is None

@@ -11,7 +11,7 @@ ones, and do paraphrases leave accuracy alone?
 
 Every variant is built the way the RL data module builds it: the text by ``data.variants.render_variant``
 from a real ``core.tiers.VariantSpec`` (paraphrase, hint, rotation notice), the image by
-``data.perturb.params_for`` + ``data.datamodule.apply_perturbations`` (Kornia). Conditions:
+``data.perturb.params_for`` + ``system.datamodule.apply_perturbations`` (Kornia). Conditions:
 
 - ``original``, ``paraphrase`` (paraphrase ``i % 5`` of question i), ``blank`` (image replaced by white:
   the text-only floor, which shows that vision matters);
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import math
 import sys
 import time
@@ -37,11 +36,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor
 
-from diva_lightning.core.tiers import IMAGE_OPS, VariantSpec, plan_variants
+from diva_lightning.core.seeding import stable_seed
+from diva_lightning.core.tiers import IMAGE_OPS, VariantSpec, plan_variants, rotation_angle
 from diva_lightning.data.perturb import PerturbParams, params_for
 from diva_lightning.data.schema import QuestionRecord, decode_image
+from diva_lightning.data.skew import SkewConfig
 from diva_lightning.data.variants import render_variant
 from diva_lightning.data.world import generate_world
 from diva_lightning.models.policy import PolicyBundle, load_policy
@@ -66,7 +68,7 @@ class Condition:
     intensity: float = 0.0
     hint_steps: int = 0
     plan_difficulty: float = 0.0
-    plan_intensity: tuple[float, float] = (0.2, 0.6)  # the planner's intensity_range for a "plan" condition
+    plan_intensity: tuple[float, float] | None = None  # the planner's intensity_range (None: the planner's default)
     plan_ops: tuple[str, ...] | None = None  # the planner's image_ops (None: all)
 
 
@@ -80,19 +82,9 @@ def standard_conditions() -> list[Condition]:
     return conds
 
 
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def _rotation_for(intensity: float, g: torch.Generator) -> float:
-    """The planner's angle rule: multiples of 45 deg below intensity 0.25, of 30 below 0.45, else of 1."""
-    step = 45 if intensity < 0.25 else 30 if intensity < 0.45 else 1
-    return float(step * int(torch.randint(1, 359 // step + 1, (1,), generator=g)))
-
-
 def variant_spec(cond: Condition, index: int, *, seed: int) -> VariantSpec | None:
     """The ``VariantSpec`` that realises ``cond`` for question ``index`` (None: original or blank)."""
-    g = torch.Generator().manual_seed(_seed("spec", seed, cond.name, index))
+    g = torch.Generator().manual_seed(stable_seed("spec", seed, cond.name, index))
     if cond.kind in ("original", "blank"):
         return None
     if cond.kind == "paraphrase":
@@ -100,11 +92,11 @@ def variant_spec(cond: Condition, index: int, *, seed: int) -> VariantSpec | Non
     if cond.kind == "hint":
         return VariantSpec("hint", "hard", -1.0, hint_steps=cond.hint_steps)
     if cond.kind == "image":
-        rot = _rotation_for(cond.intensity, g) if cond.op == "rotate" else 0.0
+        rot = rotation_angle(cond.intensity, g) if cond.op == "rotate" else 0.0
         return VariantSpec("image", "easy", 1.0, cond.intensity, (cond.op,), rot)
     if cond.kind == "plan":
-        (spec,) = plan_variants(cond.plan_difficulty, 1, generator=g, intensity_range=cond.plan_intensity,
-                                allowed_ops=cond.plan_ops)
+        planner = {} if cond.plan_intensity is None else {"intensity_range": cond.plan_intensity}
+        (spec,) = plan_variants(cond.plan_difficulty, 1, generator=g, allowed_ops=cond.plan_ops, **planner)
         return spec
     raise ValueError(f"unknown condition kind {cond.kind!r}")
 
@@ -123,7 +115,7 @@ def condition_inputs(records: Sequence[QuestionRecord], cond: Condition, *, seed
         params: dict[str, float] = {}
         if spec is not None and spec.kind == "image":
             params = params_for(spec, image_size=(int(img.shape[-2]), int(img.shape[-1])))
-            params["seed"] = _seed("perturb", seed, cond.name, rec.id)  # the image's own noise key
+            params["seed"] = stable_seed("perturb", seed, cond.name, rec.id)  # the image's own noise key
         perturb.append(params)
     return problems, apply_perturbations(images, PerturbParams.from_list(perturb))
 
@@ -159,7 +151,7 @@ def evaluate(bundle: PolicyBundle, records: Sequence[QuestionRecord], conditions
             inputs = bundle.encode(problems[s:s + batch_size], [[im] for im in images[s:s + batch_size]])
             roll = engine.generate(bundle, inputs, num_generations=1, temperature=temperature,
                                    max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                   seed=_seed("sample", seed, cond.name, s))
+                                   seed=stable_seed("sample", seed, cond.name, s))
             texts += roll.texts
         acc, fmt = grade(texts, [r.answer for r in records])
         out += [Sample(cond.name, int(r.meta.get("level", -1)), str(r.meta.get("family", "")), r.id, a, f)
@@ -302,27 +294,71 @@ def write_report(out_dir: str | Path, greedy: Sequence[Sample], sampled: Sequenc
 
 
 # ------------------------------------------------------------------------------------- the difficulty skew's shares
-# experiments/skewed.yaml's planner settings (tests/test_calibrate.py keeps them equal)
-SKEW_INTENSITY: tuple[float, float] = (0.8, 1.0)
-SKEW_OPS: tuple[str, ...] = ("noise", "blur", "downup")
+SKEWED_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "skewed.yaml"
+GOALS_FILE = Path(__file__).resolve().with_name("skew_goals.yaml")
 
 
-def skew_conditions(share: str, intensity_range: tuple[float, float] = SKEW_INTENSITY,
-                    image_ops: tuple[str, ...] = SKEW_OPS) -> list[Condition]:
+@dataclass(frozen=True)
+class SkewedRun:
+    """The settings of the skewed run the shares are calibrated for, as its shipped config gives them."""
+
+    intensity_range: tuple[float, float]  # data.init_args.intensity_range
+    image_ops: tuple[str, ...]  # data.init_args.image_ops
+    skew: SkewConfig  # data.init_args.world.skew
+
+
+def skewed_run(config: str | Path = SKEWED_CONFIG) -> SkewedRun:
+    """Read :class:`SkewedRun` from a skewed config (default: the shipped ``experiments/skewed.yaml``); a missing
+    field is an error naming the file and the field, not a silent default."""
+    body = yaml.safe_load(Path(config).read_text()) or {}
+    data = (body.get("data") or {}).get("init_args") or {}
+    world = data.get("world") or {}
+    missing = [f"data.init_args.{k}" for k in ("intensity_range", "image_ops") if k not in data]
+    missing += [] if "skew" in world else ["data.init_args.world.skew"]
+    if missing:
+        raise ValueError(f"{config}: missing {missing} (the calibration takes the skewed run's planner from there)")
+    lo, hi = data["intensity_range"]
+    return SkewedRun((float(lo), float(hi)), tuple(data["image_ops"]), SkewConfig(**world["skew"]))
+
+
+@dataclass(frozen=True)
+class SkewGoals:
+    """What the skew's shares must show (issue 14), read from ``tools/skew_goals.yaml`` by :func:`load_goals`."""
+
+    hard_p_below: float  # the hard share's re-measured accuracy is below this
+    easy_p_above: float  # the easy share's re-measured accuracy is above this
+    hint_gain: float  # points: the best hint on the hard share gains at least this (same questions)
+    perturb_drop: float  # points (negative): the run planner's weaker variant on the easy share costs at least this
+
+
+def load_goals(path: str | Path = GOALS_FILE) -> SkewGoals:
+    """:class:`SkewGoals` from a YAML file holding exactly its four fields."""
+    body = yaml.safe_load(Path(path).read_text()) or {}
+    fields = list(SkewGoals.__dataclass_fields__)
+    if sorted(body) != sorted(fields):
+        raise ValueError(f"{path}: needs exactly the fields {fields}, got {sorted(body)}")
+    return SkewGoals(**{k: float(body[k]) for k in fields})
+
+
+def skew_conditions(share: str, intensity_range: tuple[float, float] | None = None,
+                    image_ops: tuple[str, ...] | None = None) -> list[Condition]:
     """The conditions a share is re-measured under: hints for the hard share; for the easy share a blank image, the
-    planner's own variants at D = 1 and D = 3 with the run's settings (``run_plan@D``) and with the defaults
-    (``plan@1``: intensity 0.2-0.6, every op), and each op alone at intensity 0.6 and 1.0."""
+    planner's own variants at D = 1 and D = 3 with the run's settings (``run_plan@D``; ``intensity_range`` and
+    ``image_ops``, by default :func:`skewed_run`'s) and with the defaults (``plan@1``: the planner's default
+    intensity range, every op), and each op alone at intensity 0.6 and 1.0."""
     if share == "hard":
         return [Condition("original", "original")] + [Condition(f"hint{k}", "hint", hint_steps=k) for k in HINT_STEPS]
     if share != "easy":
         raise ValueError(f"share must be 'hard' or 'easy', got {share!r}")
+    if intensity_range is None or image_ops is None:
+        run = skewed_run()
+        intensity_range = run.intensity_range if intensity_range is None else intensity_range
+        image_ops = run.image_ops if image_ops is None else image_ops
     return ([Condition("original", "original"), Condition("blank", "blank")]
             + [Condition(f"run_plan@{d:g}", "plan", plan_difficulty=d, plan_intensity=intensity_range,
                          plan_ops=tuple(image_ops)) for d in (1.0, 3.0)]
             + [Condition("plan@1", "plan", plan_difficulty=1.0)]
             + [Condition(f"{op}@{t:g}", "image", op=op, intensity=t) for op in IMAGE_OPS for t in (0.6, 1.0)])
-
-HINT_GOAL, PERTURB_GOAL = 25.0, -15.0  # issue 14: hints >= +25 points on hard, perturbations <= -15 on easy
 
 
 def _hintable(records: Sequence[QuestionRecord], k: int) -> list[QuestionRecord]:
@@ -358,9 +394,12 @@ def by_table_count(samples: Sequence[Sample], counts: dict[str, int], samples_pe
 
 
 def skew_report(out_dir: str | Path, by_share: dict[str, list[Sample]], *, meta: str,
-                table_counts: tuple[dict[str, int], int] | None = None, temperature: float = 1.0) -> dict[str, Path]:
+                table_counts: tuple[dict[str, int], int] | None = None, temperature: float = 1.0,
+                goals: SkewGoals | None = None) -> dict[str, Path]:
     """``calibration_skew.md`` / ``.csv`` / ``.png``: re-measured accuracy of the hard and easy shares under their
-    conditions, the effects against the goals, per family (and, given the table's counts, by count)."""
+    conditions, the effects against the ``goals`` (default: :func:`load_goals`'s), per family (and, given the
+    table's counts, by count)."""
+    goals = load_goals() if goals is None else goals
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "calibration_skew.md", "csv": out / "calibration_skew.csv",
@@ -393,9 +432,10 @@ def skew_report(out_dir: str | Path, by_share: dict[str, list[Sample]], *, meta:
             best = max((c for c in conds if c.startswith("hint")), key=lambda c: _paired(samples, c),
                        default=None)
             gain = 100 * _paired(samples, best) if best else math.nan
-            verdicts.append(f"- hard: p = {base:.3f} (goal < 0.1: {'met' if base < 0.1 else 'NOT met'}); best hint "
-                            f"{best}: {gain:+.1f} points on the same questions (goal >= +{HINT_GOAL:g}: "
-                            f"{'met' if gain >= HINT_GOAL else 'NOT met'})")
+            p_goal = goals.hard_p_below
+            verdicts.append(f"- hard: p = {base:.3f} (goal < {p_goal:g}: {'met' if base < p_goal else 'NOT met'}); "
+                            f"best hint {best}: {gain:+.1f} points on the same questions (goal >= "
+                            f"+{goals.hint_gain:g}: {'met' if gain >= goals.hint_gain else 'NOT met'})")
         else:
             worst = min((c for c in conds if c != "original"), key=lambda c: _paired(samples, c), default=None)
             drop = 100 * _paired(samples, worst) if worst else math.nan
@@ -404,10 +444,12 @@ def skew_report(out_dir: str | Path, by_share: dict[str, list[Sample]], *, meta:
             judged = max((100 * _paired(samples, c) for c in run), default=drop)
             run_text = ", ".join(f"{c} {100 * _paired(samples, c):+.1f}" for c in run)
             plan_text = f"{run_text} points (the run's planner); " if run else ""
-            verdicts.append(f"- easy: p = {base:.3f} (goal > 0.9: {'met' if base > 0.9 else 'NOT met'}); {plan_text}"
-                            f"strongest single condition {worst}: {drop:+.1f} points; goal <= {PERTURB_GOAL:g}"
+            p_goal = goals.easy_p_above
+            verdicts.append(f"- easy: p = {base:.3f} (goal > {p_goal:g}: {'met' if base > p_goal else 'NOT met'}); "
+                            f"{plan_text}strongest single condition {worst}: {drop:+.1f} points; goal <= "
+                            f"{goals.perturb_drop:g}"
                             f"{' on the weaker of the run planner variants' if run else ''}: "
-                            f"{'met' if judged <= PERTURB_GOAL else 'NOT met'}")
+                            f"{'met' if judged <= goals.perturb_drop else 'NOT met'}")
         lines.append("")
     lines[4:4] = ["## Preconditions", "", *verdicts, ""]
     paths["md"].write_text("\n".join(lines))
@@ -415,7 +457,7 @@ def skew_report(out_dir: str | Path, by_share: dict[str, list[Sample]], *, meta:
         w = csv.DictWriter(f, fieldnames=["share", "condition", "family", "n", "accuracy"])
         w.writeheader()
         w.writerows(rows)
-    _skew_plot(by_share, paths["png"], temperature)
+    _skew_plot(by_share, paths["png"], goals, temperature)
     return paths
 
 
@@ -428,7 +470,7 @@ def _paired(samples: Sequence[Sample], condition: str) -> float:
     return (sum(cond) / len(cond) - sum(orig) / len(orig)) if cond and orig else math.nan
 
 
-def _skew_plot(by_share: dict[str, list[Sample]], path: Path, temperature: float = 1.0) -> None:
+def _skew_plot(by_share: dict[str, list[Sample]], path: Path, goals: SkewGoals, temperature: float = 1.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -440,7 +482,7 @@ def _skew_plot(by_share: dict[str, list[Sample]], path: Path, temperature: float
         accs = [accuracy_of(samples, c) for c in conds]
         ax.bar(range(len(conds)), accs, color=["k" if c == "original" else "tab:green" if c.startswith("hint")
                                                else "tab:red" for c in conds])
-        goal = 0.1 if share == "hard" else 0.9
+        goal = goals.hard_p_below if share == "hard" else goals.easy_p_above
         ax.axhline(goal, ls=":", c="gray", label=f"p goal {'<' if share == 'hard' else '>'} {goal}")
         ax.set_xticks(range(len(conds)), conds, rotation=60, ha="right", fontsize=8)
         ax.set(ylim=(0, 1), ylabel=f"accuracy (sampled, T={temperature:g})",
@@ -452,12 +494,17 @@ def _skew_plot(by_share: dict[str, list[Sample]], path: Path, temperature: float
 
 
 def skew_main(args: argparse.Namespace) -> dict[str, Path]:
-    from diva_lightning.data.skew import SkewConfig
+    """The ``--skew`` report: the run's planner and skew from ``--config`` unless given on the command line."""
     from diva_lightning.data.success import table_for
 
     t0 = time.perf_counter()
+    run = skewed_run(args.config)
+    goals = load_goals(args.goals)
+    skew = run.skew
+    args.table = skew.table if args.table is None else args.table
+    intensity_range = run.intensity_range if args.intensity_range is None else tuple(args.intensity_range)
+    image_ops = run.image_ops if args.image_ops is None else tuple(args.image_ops)
     table = table_for(args.table)
-    skew = SkewConfig()
     pool = generate_world(table.pools["val"], seed=table.world_seed, split="val")  # held out from training
     table_t = table.temperature
     temperature = table_t if args.temperature is None else args.temperature
@@ -472,8 +519,7 @@ def skew_main(args: argparse.Namespace) -> dict[str, Path]:
               flush=True)
         by_share[share] = skew_samples(bundle, chosen, share, samples=args.samples, seed=args.seed + 1,
                                        max_new_tokens=args.max_new_tokens, temperature=temperature,
-                                       conditions=skew_conditions(share, tuple(args.intensity_range),
-                                                                  tuple(args.image_ops)),
+                                       conditions=skew_conditions(share, intensity_range, image_ops),
                                        progress=lambda m: print(m, flush=True))
     meta = (f"policy `{args.policy}`, success table `{args.table}` ({table.samples} samples per question, weights "
             f"{table.weights_sha256[:12]}...). The shares are chosen from the world's validation pool by the table "
@@ -481,7 +527,7 @@ def skew_main(args: argparse.Namespace) -> dict[str, Path]:
             f"{temperature:g}, {args.max_new_tokens} new tokens): a question picked for a measured p of 0/16 regresses "
             f"towards its true rate, so these are the honest numbers. {time.perf_counter() - t0:.0f} s.")
     paths = skew_report(args.out, by_share, meta=meta, table_counts=(table.successes, table.samples),
-                        temperature=temperature)
+                        temperature=temperature, goals=goals)
     print(paths["md"].read_text(), flush=True)
     return paths
 
@@ -497,13 +543,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     p.add_argument("--no_sampled", action="store_true", help="skip the temperature-1 pass")
     p.add_argument("--skew", action="store_true", help="calibrate the difficulty skew's hard and easy shares "
                    "(data.skew) instead: writes calibration_skew.md/.csv/.png")
-    p.add_argument("--table", default="embedded", help="--skew: success table ('embedded' or a success.json)")
+    p.add_argument("--config", default=str(SKEWED_CONFIG),
+                   help="--skew: the skewed run's config, read for its planner and skew (data.init_args)")
+    p.add_argument("--goals", default=str(GOALS_FILE), help="--skew: the shares' goals (a YAML of SkewGoals' fields)")
+    p.add_argument("--table", default=None,
+                   help="--skew: success table ('embedded' or a success.json; default: --config's skew.table)")
     p.add_argument("--samples", type=int, default=8, help="--skew: fresh samples per question and condition")
     p.add_argument("--per_share", type=int, default=60, help="--skew: at most this many questions per share")
-    p.add_argument("--intensity_range", type=float, nargs=2, default=list(SKEW_INTENSITY),
-                   help="--skew: the run's data.intensity_range, for the planner's own variants (run_plan@D)")
-    p.add_argument("--image_ops", nargs="+", default=list(SKEW_OPS), choices=list(IMAGE_OPS),
-                   help="--skew: the run's data.image_ops")
+    p.add_argument("--intensity_range", type=float, nargs=2, default=None,
+                   help="--skew: the planner's intensity range for its own variants (run_plan@D); default: "
+                        "--config's data.init_args.intensity_range")
+    p.add_argument("--image_ops", nargs="+", default=None, choices=list(IMAGE_OPS),
+                   help="--skew: the planner's image ops; default: --config's data.init_args.image_ops")
     p.add_argument("--temperature", type=float, default=None,
                    help="--skew: sampling temperature (default: the one the success table was measured at)")
     args = p.parse_args(argv)

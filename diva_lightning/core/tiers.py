@@ -149,7 +149,8 @@ def _randint(low: int, high: int, generator: torch.Generator) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=generator).item())
 
 
-def _rotation(intensity: float, generator: torch.Generator) -> float:
+def rotation_angle(intensity: float, generator: torch.Generator) -> float:
+    """The planner's rotation angle for an image variant of ``intensity`` (the module docs' rule), one draw."""
     step = 45 if intensity < _ROT_LOW else 30 if intensity < _ROT_MEDIUM else 1
     return float(step * _randint(1, 359 // step, generator))
 
@@ -169,7 +170,7 @@ def _image_spec(
     """
     picks = torch.randperm(len(allowed_ops), generator=generator)[:n_ops].tolist()
     ops = tuple(allowed_ops[i] for i in sorted(picks))
-    rot = _rotation(intensity, generator) if "rotate" in ops else 0.0
+    rot = rotation_angle(intensity, generator) if "rotate" in ops else 0.0
     return VariantSpec("image", tier, delta, intensity, ops, rot, 0, text_index)
 
 

@@ -4,7 +4,7 @@ GRPO's learning signal vanishes on questions the policy almost never solves (eve
 always solves (every response right); DIVA exists for those. ``skew: {hard: 0.4, easy: 0.4}`` fills 40% of a split
 with questions the base policy solves with p < ``hard_below``, 40% with p > ``easy_above``, and the rest from the
 questions in between. The rates come from a *success table* measured once per base-policy build
-(``python -m diva_lightning.data.success``): ``k`` right out of ``n`` sampled responses per question of a pool of
+(``python -m tools.success_table``): ``k`` right out of ``n`` sampled responses per question of a pool of
 world questions, recorded with the weights' sha256 it was measured on.
 
 Each chosen record gets ``meta["skew"]`` (``hard`` / ``easy`` / ``middle``) and ``meta["base_success"]`` (k/n), so
@@ -99,7 +99,7 @@ class SuccessTable:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"success table {path}: missing (measure it: python -m "
-                                    "diva_lightning.data.success --policy <dir> --out <file>)")
+                                    "tools.success_table --policy <dir> --out <file>)")
         try:
             body = json.loads(path.read_text())
         except json.JSONDecodeError as err:

@@ -193,7 +193,7 @@ def test_fit_on_the_skewed_world_at_another_temperature_stops_before_training(tm
 def test_success_histograms_by_hand_and_the_plot_command(tmp_path: Path) -> None:
     """The histogram of right answers (counted by hand) and the comparison plot the docs show, drawn from files
     without measuring anything."""
-    from diva_lightning.data import success as st_mod
+    from tools import success_table as st_mod
 
     pool = generate_world(5, seed=0, split="train")
     t1 = _table(pool, [0, 0, 3, 4, 4], samples=4)

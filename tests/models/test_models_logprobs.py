@@ -20,19 +20,13 @@ from diva_lightning.models.logprobs import (
     repeat_prompt_inputs,
     token_logprobs,
 )
-from diva_lightning.models.policy import PolicyBundle, load_policy
-from diva_lightning.models.tiny import build_tiny_policy, sample_corpus
+from diva_lightning.models.policy import PolicyBundle
 
 PROBLEMS = [
     "<image> What is 12 + 30?",
     "Compare <image> with <image>: which side is longer, (A) or (B)?",
     "7 * 6 = ?",
 ]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> PolicyBundle:
-    return load_policy(build_tiny_policy(tmp_path_factory.mktemp("tiny"), sample_corpus(), seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,6 @@ from diva_lightning.models.prompt import R1_INSTRUCTION, PromptConfig
 from diva_lightning.models.tiny import build_tiny_policy, sample_corpus
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> PolicyBundle:
-    return load_policy(build_tiny_policy(tmp_path_factory.mktemp("tiny"), sample_corpus(), seed=0))
-
-
 def test_build_prompt_places_vision_block(bundle: PolicyBundle) -> None:
     text = bundle.build_prompt("Look: <image> What is 3+4?")
     assert text.endswith(

@@ -7,14 +7,8 @@ import torch
 from transformers import GenerationConfig
 
 from diva_lightning.models.logprobs import completion_logprobs, repeat_prompt_inputs
-from diva_lightning.models.policy import PolicyBundle, load_policy
-from diva_lightning.models.tiny import build_tiny_policy, sample_corpus
+from diva_lightning.models.policy import PolicyBundle
 from diva_lightning.rollout import HFGenerateEngine, Rollout, RolloutEngine, mask_after_stop
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> PolicyBundle:
-    return load_policy(build_tiny_policy(tmp_path_factory.mktemp("tiny"), sample_corpus(), seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from diva_lightning.data.schema import decode_image
 from diva_lightning.data.world import generate_world
 from diva_lightning.models.lora import apply_lora, lora_scale, merge_lora_state_dict
-from diva_lightning.models.policy import PolicyBundle, load_policy
+from diva_lightning.models.policy import PolicyBundle
 from diva_lightning.models.vision import preprocess_images
 from diva_lightning.rollout.vllm import (
     VLLMEngine,
@@ -29,11 +29,6 @@ from diva_lightning.rollout.vllm import (
     vllm_weights,
 )
 from diva_lightning.training.sharding import full_state_dict, iter_full_tensors
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_policy_dir: str) -> PolicyBundle:
-    return load_policy(tiny_policy_dir)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")

@@ -12,15 +12,10 @@ from diva_lightning.cli import run_cli
 from diva_lightning.data.planner import PlanSettings, plan_families
 from diva_lightning.data.schema import QuestionRecord, RecordError, decode_image, write_records
 from diva_lightning.data.world import generate_world
-from diva_lightning.models.policy import PolicyBundle, load_policy
+from diva_lightning.models.policy import PolicyBundle
 from diva_lightning.system.datamodule import DivaDataModule
 from diva_lightning.training.prompt_budget import PromptMeasure, longest_prompt, prompt_limit
 from tests.test_module import small_args
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_policy_dir: str) -> PolicyBundle:
-    return load_policy(tiny_policy_dir)
 
 
 def _measure(bundle: PolicyBundle) -> PromptMeasure:
