@@ -18,18 +18,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from diva_lightning.core._checks import check_1d, check_choice, check_float, check_same_length
+from diva_lightning.core._checks import check_1d, check_float, check_same_length
 
-Rule = Literal["linear", "binned"]
-RULES: tuple[str, ...] = ("linear", "binned")
-# What alpha is averaged from: "accuracy" (paper, default) or "reward" (the authors' code: the combined
-# 0.9 accuracy + 0.1 format reward, so an all-wrong well-formatted family scores 0.1, not 0).
-DIFFICULTY_STATISTICS: tuple[str, ...] = ("accuracy", "reward")
+# RULES and DIFFICULTY_STATISTICS (core.choices: what alpha is averaged from, "accuracy" (paper) or "reward" (the
+# authors' code)) are re-exported (``X as X``) for the callers that import them from here.
+from diva_lightning.core.choices import DIFFICULTY_STATISTICS as DIFFICULTY_STATISTICS
+from diva_lightning.core.choices import RULES as RULES
+from diva_lightning.core.choices import DifficultyRule, check_choice
 
 # Official binned rule: upper bounds (inclusive) and the step for each bin; the last bin is (.7, 1].
 _BIN_UPPER = (0.05, 0.3, 0.5, 0.7)
@@ -43,7 +43,7 @@ def update_difficulty(
     eta: float = 4.0,
     d_min: float = 1.0,
     d_max: float = 9.0,
-    rule: str = "linear",
+    rule: DifficultyRule = "linear",
 ) -> Tensor:
     """Apply one difficulty update elementwise.
 
@@ -66,7 +66,7 @@ def update_difficulty(
     check_float("old", old)
     check_float("accuracy", accuracy)
     check_same_length(old=old, accuracy=accuracy)
-    check_choice("rule", rule, RULES)
+    check_choice("rule", rule, DifficultyRule)
     if d_min > d_max:
         raise ValueError(f"d_min ({d_min}) must not exceed d_max ({d_max})")
     if bool(torch.isnan(old).any()):
@@ -159,12 +159,12 @@ class DifficultyTable:
     d_min: float = 1.0
     d_max: float = 9.0
     eta: float = 4.0
-    rule: str = "linear"
+    rule: DifficultyRule = "linear"
     _values: dict[str, float] = field(default_factory=dict, repr=False)
     _pending: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        check_choice("rule", self.rule, RULES)
+        check_choice("rule", self.rule, DifficultyRule)
         if not self.d_min <= self.initial <= self.d_max:
             raise ValueError(
                 f"initial ({self.initial}) must lie in [d_min, d_max] = [{self.d_min}, {self.d_max}]"
@@ -346,7 +346,7 @@ class DifficultyTable:
             "rule": self.rule,
             **state.get("config", {}),
         }
-        check_choice("rule", config["rule"], RULES)
+        check_choice("rule", config["rule"], DifficultyRule)
         ids = [str(i) for i in state.get("ids", [])]
         values = torch.as_tensor(state.get("values", torch.zeros(0)), dtype=torch.float64).reshape(-1)
         if len(ids) != values.shape[0]:
@@ -360,6 +360,6 @@ class DifficultyTable:
         self.d_min = float(config["d_min"])
         self.d_max = float(config["d_max"])
         self.eta = float(config["eta"])
-        self.rule = str(config["rule"])
+        self.rule = config["rule"]  # checked above
         self._values = dict(zip(ids, values.tolist()))
         self._pending = {i: [c, n] for i, c, n in zip(p_ids, p_c.tolist(), p_n.tolist())}
