@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -323,14 +323,12 @@ class DifficultyTable:
             "pending_ids": list(pending.ids),
             "pending_correct": pending.correct,
             "pending_count": pending.count,
-            "config": {
-                "initial": self.initial,
-                "d_min": self.d_min,
-                "d_max": self.d_max,
-                "eta": self.eta,
-                "rule": self.rule,
-            },
+            "config": self._config(),
         }
+
+    def _config(self) -> dict[str, Any]:
+        """The table's settings (its public fields) by name: what a checkpoint records with the values."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore exactly what :meth:`state_dict` saved, config included.
@@ -338,14 +336,7 @@ class DifficultyTable:
         Keys missing from an older checkpoint keep this table's current setting (config) or default to
         empty (values, pending).
         """
-        config = {
-            "initial": self.initial,
-            "d_min": self.d_min,
-            "d_max": self.d_max,
-            "eta": self.eta,
-            "rule": self.rule,
-            **state.get("config", {}),
-        }
+        config = {**self._config(), **state.get("config", {})}
         check_choice("rule", config["rule"], DifficultyRule)
         ids = [str(i) for i in state.get("ids", [])]
         values = torch.as_tensor(state.get("values", torch.zeros(0)), dtype=torch.float64).reshape(-1)
@@ -356,10 +347,8 @@ class DifficultyTable:
         p_n = torch.as_tensor(state.get("pending_count", torch.zeros(0)), dtype=torch.float64).reshape(-1)
         if not len(p_ids) == p_c.shape[0] == p_n.shape[0]:
             raise ValueError("state_dict length mismatch in pending_ids/pending_correct/pending_count")
-        self.initial = float(config["initial"])
-        self.d_min = float(config["d_min"])
-        self.d_max = float(config["d_max"])
-        self.eta = float(config["eta"])
+        for name in ("initial", "d_min", "d_max", "eta"):
+            setattr(self, name, float(config[name]))
         self.rule = config["rule"]  # checked above
         self._values = dict(zip(ids, values.tolist()))
         self._pending = {i: [c, n] for i, c, n in zip(p_ids, p_c.tolist(), p_n.tolist())}
