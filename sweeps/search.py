@@ -29,6 +29,7 @@ import yaml  # noqa: E402
 from optuna_integration import PyTorchLightningPruningCallback  # noqa: E402
 from typing_extensions import override  # noqa: E402
 
+from diva_lightning.core.choices import RRB_MODES  # noqa: E402
 from sweeps._common import BASE_CONFIG, REPO  # noqa: E402
 
 
@@ -53,7 +54,7 @@ def suggest(trial: optuna.Trial, overlay_dir: Path) -> list[str]:
     eta lives on the DifficultyCallback, one element of the `trainer.callbacks` list, which a command-line flag
     cannot address; so the trial writes a small overlay that restates full.yaml's callback list with its eta."""
     adv = "--model.init_args.advantage.init_args."
-    rrb = trial.suggest_categorical("rrb", ["range", "threshold", "null"])
+    rrb = trial.suggest_categorical("rrb", [*RRB_MODES, "null"])
     overlay = overlay_dir / f"t{trial.number}.yaml"
     overlay.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [

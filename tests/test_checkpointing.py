@@ -220,3 +220,14 @@ def test_fit_killed_while_writing_last_ckpt_resumes(tiny_policy_dir: str, tmp_pa
     assert str(info.value).startswith(f"cannot resume from checkpoint {ckpt_dir / 'last.ckpt'}: the file is empty")
     assert f"resume from one with --ckpt_path:\n  {ckpt_dir / 'epoch=0-step=4.ckpt'}  (" in str(info.value)
     assert cli.trainer.global_step == 0
+
+
+def test_a_checkpoint_recording_a_renamed_word_resumes_under_the_new_one() -> None:
+    """`prompt_overflow: error` is `raise` now: a checkpoint that records the old word is the same run."""
+    from diva_lightning.system.checkpointing import RUN_SETTINGS_KEY, ChangedSettingsError, check_resume_settings
+
+    key = "model.init_args.policy_config.prompt_overflow"
+    checkpoint = {RUN_SETTINGS_KEY: {key: "error", "seed_everything": 0}}
+    check_resume_settings(checkpoint, {key: "raise", "seed_everything": 0}, "old.ckpt")
+    with pytest.raises(ChangedSettingsError, match=f"{key}: checkpoint 'raise', now 'skip'"):
+        check_resume_settings(checkpoint, {key: "skip", "seed_everything": 0}, "old.ckpt")

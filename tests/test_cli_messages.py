@@ -16,8 +16,6 @@ FULL = str(REPO / "experiments/full.yaml")
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    (["--model.init_args.advantage.init_args.rrb", "rang"],
-     "diva-lightning: ValueError: DivaAdvantage: rrb must be one of ['range', 'threshold', None], got 'rang'"),
     (["--model.init_args.reward.init_args.accuracy_fn", "nosuch.module:fn"],
      "diva-lightning: ImportError: cannot import module 'nosuch.module' for reward function 'nosuch.module:fn': "
      "no module named 'nosuch'"),
@@ -105,3 +103,40 @@ def test_counts_that_make_no_sense_are_refused_naming_the_option(override: list[
     err = _one_line_error(["fit", "--config", FULL, "--trainer.logger.init_args.save_dir", str(tmp_path),
                            *override], capsys)
     assert err[0] == expected
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    # a choice is typed with core.choices' Literal: refused while parsing, naming the option and every word
+    (["--model.init_args.advantage.init_args.rrb", "rang"],
+     "diva-lightning: --model.init_args.advantage.init_args.rrb: must be one of range, threshold or null, got 'rang'"),
+    (["--model.init_args.loss.agg", "mean"],
+     "diva-lightning: --model.init_args.loss.agg: must be one of token_mean, seq_mean_token_mean, "
+     "seq_mean_token_sum_norm, got 'mean'"),
+    # a word an option no longer takes says what it is called now (one word for a bad input: raise | skip)
+    (["--model.init_args.policy_config.prompt_overflow", "error"],
+     "diva-lightning: --model.init_args.policy_config.prompt_overflow: 'error' is now called 'raise' (the word "
+     "every option for a bad input uses)"),
+])
+def test_a_bad_choice_is_one_line_naming_the_option_and_the_words(override: list[str], expected: str,
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    assert _one_line_error(["fit", "--config", FULL, *override], capsys)[0] == expected
+
+
+def test_a_former_word_in_a_config_file_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  init_args:\n    policy_config:\n      prompt_overflow: error\n")
+    err = _one_line_error(["fit", "--config", FULL, "--config", str(old)], capsys)
+    assert err[0] == (f"diva-lightning: config file {old}: key model.init_args.policy_config.prompt_overflow: "
+                      "'error' is now called 'raise' (the word every option for a bad input uses)")
+
+
+def test_the_package_ships_the_warmup_recipe_users_read() -> None:
+    """The embedded base policy is built from the package's recipe (an installed package has no experiments/);
+    experiments/warmup.yaml is that recipe for users, kept equal here."""
+    from diva_lightning.system.warmup import WARMUP_RECIPE
+
+    assert WARMUP_RECIPE.read_bytes() == (REPO / "experiments/warmup.yaml").read_bytes()

@@ -3,6 +3,7 @@
 from diva_lightning.core._checks import contiguous_ids
 from diva_lightning.core.advantage import (
     AdvantageTerms,
+    DivaSettings,
     batch_zscore,
     difficulty_weight,
     diva_advantage_terms,
@@ -41,6 +42,7 @@ __all__ = [
     "TIERS",
     "AdvantageTerms",
     "CorrectionStats",
+    "DivaSettings",
     "DifficultyStats",
     "DifficultyTable",
     "PolicyLossStats",

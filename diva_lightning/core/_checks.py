@@ -72,12 +72,6 @@ def check_same_length(**named: Tensor) -> None:
         raise ValueError(f"length mismatch: {listed}")
 
 
-def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
 def contiguous_ids(ids: Sequence[Hashable]) -> Tensor:
     """Map arbitrary hashable ids to contiguous ``int64`` ids in first-seen order.
 

@@ -31,16 +31,57 @@ from torch import Tensor
 
 from diva_lightning.core._checks import (
     check_1d,
-    check_choice,
     check_finite,
     check_float,
     check_int_ids,
     check_same_length,
 )
+from diva_lightning.core.choices import GrpoScale, RrbMode, WeightTerms, check_choice, choice_problems
 
-RRB_MODES: tuple[str | None, ...] = ("range", "threshold", None)
-WEIGHT_TERMS: tuple[str, ...] = ("global", "both")
-GRPO_SCALES: tuple[str, ...] = ("group", "batch", "none")
+
+@dataclass(frozen=True)
+class DivaSettings:
+    """The DIVA estimator's settings, declared once: :func:`diva_advantages` takes them and
+    ``training.estimators.DivaAdvantage`` is built from them (its init arguments are these fields).
+
+    Attributes:
+        k: difficulty-weighting strength (official 0.1).
+        local_weight, global_weight: merge weights of the local and global terms (step 5).
+        batch_norm: z-score each term over the batch before merging (step 2, the local-global balance).
+        difficulty_weighting: apply ``exp(k (D_i - Dbar_q) sign(A))`` (step 3).
+        weight_terms: "global" (official: the global term only) or "both".
+        rrb: "range" (paper), "threshold" (official) or None (off) (step 4).
+        r_max: the reward range of ``rrb="range"``.
+        eps: added to standard deviations.
+        rrb_threshold, rrb_factor: ``rrb="threshold"`` (official ``ZSCORENORM_WAN_RRBLOCAL_RRBGLOBAL``): a group
+            whose rewards are all below ``rrb_threshold`` has its advantages multiplied by ``rrb_factor``
+            (official 0.15 and 0.1, applied to local and global groups separately).
+
+    Raises:
+        ValueError: listing every problem (unknown ``weight_terms``/``rrb``, ``r_max <= 0``, ``rrb_factor < 0``).
+    """
+
+    k: float = 0.1
+    local_weight: float = 1.0
+    global_weight: float = 1.0
+    batch_norm: bool = True
+    difficulty_weighting: bool = True
+    weight_terms: WeightTerms = "global"
+    rrb: RrbMode | None = "range"
+    r_max: float = 1.0
+    eps: float = 1e-6
+    rrb_threshold: float = 0.15
+    rrb_factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        problems = choice_problems("weight_terms", self.weight_terms, WeightTerms)
+        problems += choice_problems("rrb", self.rrb, RrbMode, optional=True)
+        if not self.r_max > 0:
+            problems.append(f"r_max must be > 0, got {self.r_max}")
+        if not self.rrb_factor >= 0:
+            problems.append(f"rrb_factor must be >= 0, got {self.rrb_factor}")
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -178,18 +219,7 @@ def diva_advantage_terms(
     prompt_ids: Tensor,
     question_ids: Tensor,
     difficulty: Tensor,
-    *,
-    k: float = 0.1,
-    local_weight: float = 1.0,
-    global_weight: float = 1.0,
-    batch_norm: bool = True,
-    difficulty_weighting: bool = True,
-    weight_terms: str = "global",
-    rrb: str | None = "range",
-    r_max: float = 1.0,
-    rrb_threshold: float = 0.15,
-    rrb_factor: float = 0.1,
-    eps: float = 1e-6,
+    settings: DivaSettings = DivaSettings(),
 ) -> AdvantageTerms:
     """:func:`diva_advantages` returning the local and global terms too (for monitoring)."""
     _check_values("rewards", rewards)
@@ -199,24 +229,23 @@ def diva_advantage_terms(
     check_same_length(
         rewards=rewards, prompt_ids=prompt_ids, question_ids=question_ids, difficulty=difficulty
     )
-    check_choice("weight_terms", weight_terms, WEIGHT_TERMS)
-    check_choice("rrb", rrb, RRB_MODES)
-
+    k, eps, r_max = settings.k, settings.eps, settings.r_max
     a_loc = group_zscore(rewards, prompt_ids, eps)  # step 1
     a_glob = group_zscore(rewards, question_ids, eps)
-    if batch_norm:  # step 2
+    if settings.batch_norm:  # step 2
         a_loc, a_glob = batch_zscore(a_loc, eps), batch_zscore(a_glob, eps)
-    if difficulty_weighting:  # step 3
+    if settings.difficulty_weighting:  # step 3
         a_glob = difficulty_weight(a_glob, difficulty, question_ids, k)
-        if weight_terms == "both":
+        if settings.weight_terms == "both":
             a_loc = difficulty_weight(a_loc, difficulty, question_ids, k)
-    if rrb == "range":  # step 4
+    if settings.rrb == "range":  # step 4
         a_loc = a_loc * range_scale(rewards, prompt_ids, r_max)
         a_glob = a_glob * range_scale(rewards, question_ids, r_max)
-    elif rrb == "threshold":
-        a_loc = a_loc * threshold_scale(rewards, prompt_ids, rrb_threshold, rrb_factor)
-        a_glob = a_glob * threshold_scale(rewards, question_ids, rrb_threshold, rrb_factor)
-    return AdvantageTerms(a_loc, a_glob, local_weight * a_loc + global_weight * a_glob)  # step 5
+    elif settings.rrb == "threshold":
+        a_loc = a_loc * threshold_scale(rewards, prompt_ids, settings.rrb_threshold, settings.rrb_factor)
+        a_glob = a_glob * threshold_scale(rewards, question_ids, settings.rrb_threshold, settings.rrb_factor)
+    merged = settings.local_weight * a_loc + settings.global_weight * a_glob  # step 5
+    return AdvantageTerms(a_loc, a_glob, merged)
 
 
 def diva_advantages(
@@ -224,18 +253,7 @@ def diva_advantages(
     prompt_ids: Tensor,
     question_ids: Tensor,
     difficulty: Tensor,
-    *,
-    k: float = 0.1,
-    local_weight: float = 1.0,
-    global_weight: float = 1.0,
-    batch_norm: bool = True,
-    difficulty_weighting: bool = True,
-    weight_terms: str = "global",
-    rrb: str | None = "range",
-    r_max: float = 1.0,
-    rrb_threshold: float = 0.15,
-    rrb_factor: float = 0.1,
-    eps: float = 1e-6,
+    settings: DivaSettings = DivaSettings(),
 ) -> Tensor:
     """The DIVA advantage of each response (module docstring lists the steps).
 
@@ -243,35 +261,20 @@ def diva_advantages(
         rewards: Tensor[N] float, finite.
         prompt_ids: Tensor[N] integer local group. question_ids: Tensor[N] integer family.
         difficulty: Tensor[N] float label D_i of the prompt each response answers.
+        settings: the estimator's :class:`DivaSettings` (defaults: the paper's).
 
     Returns:
         Tensor[N] in the rewards' dtype.
 
     Raises:
         ValueError: non-1-D inputs, non-integer ids, mismatched lengths (names and lengths listed),
-            NaN/inf rewards (indices listed), unknown ``rrb``/``weight_terms``.
+            NaN/inf rewards (indices listed); unknown ``rrb``/``weight_terms`` when ``settings`` is built.
     """
-    return diva_advantage_terms(
-        rewards,
-        prompt_ids,
-        question_ids,
-        difficulty,
-        k=k,
-        local_weight=local_weight,
-        global_weight=global_weight,
-        batch_norm=batch_norm,
-        difficulty_weighting=difficulty_weighting,
-        weight_terms=weight_terms,
-        rrb=rrb,
-        r_max=r_max,
-        rrb_threshold=rrb_threshold,
-        rrb_factor=rrb_factor,
-        eps=eps,
-    ).merged
+    return diva_advantage_terms(rewards, prompt_ids, question_ids, difficulty, settings).merged
 
 
 def grpo_advantages(
-    rewards: Tensor, prompt_ids: Tensor, *, scale: str = "group", eps: float = 1e-6
+    rewards: Tensor, prompt_ids: Tensor, *, scale: GrpoScale = "group", eps: float = 1e-6
 ) -> Tensor:
     """Vanilla GRPO advantages (TRL semantics): ``r - mean_g`` divided by a scale.
 
@@ -287,7 +290,7 @@ def grpo_advantages(
     _check_values("rewards", rewards)
     check_int_ids("prompt_ids", prompt_ids)
     check_same_length(rewards=rewards, prompt_ids=prompt_ids)
-    check_choice("scale", scale, GRPO_SCALES)
+    check_choice("scale", scale, GrpoScale)
     mean, std, spread = _group_stats(rewards, _groups(prompt_ids))
     centred = rewards - mean
     if scale == "group":

@@ -45,6 +45,8 @@ OnError = Literal["raise", "skip"]
 count it (skip)."""
 ReadMode = Literal["raise", "skip", "collect"]
 """A reader's: ``OnError`` or "collect" (keep going and return every problem: the checks that report all rows)."""
+AugmentTask = Literal["variants", "think_steps"]
+"""What the offline teacher fills in a record (teacher.pipeline, `augment --only`)."""
 # --- the training system (training.config)
 SamplingUnit = Literal["prompt", "family"]
 FilterMetric = Literal["reward", "accuracy"]
@@ -77,6 +79,7 @@ IMAGE_OPS = values(ImageOp)
 DOWNUPS = values(DownUp)
 ON_ERROR = values(OnError)
 READ_MODES = values(ReadMode)
+AUGMENT_TASKS = values(AugmentTask)
 SAMPLING_UNITS = values(SamplingUnit)
 FILTER_METRICS = values(FilterMetric)
 WEIGHTS_DTYPES = values(WeightsDtype)

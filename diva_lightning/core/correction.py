@@ -30,10 +30,11 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from diva_lightning.core._checks import check_choice
+# IS_LEVELS and IS_MODES are re-exported (``X as X``) for the callers that import them from here.
+from diva_lightning.core.choices import IS_LEVELS as IS_LEVELS
+from diva_lightning.core.choices import IS_MODES as IS_MODES
+from diva_lightning.core.choices import IsLevel, IsMode, check_choice
 
-IS_LEVELS: tuple[str, ...] = ("token", "sequence")
-IS_MODES: tuple[str, ...] = ("truncate", "mask")
 METRIC_PREFIX = "rollout_correction/"
 _LOG_RATIO_CLAMP = 20.0
 
@@ -87,8 +88,8 @@ def importance_weights(
     engine_logp: Tensor,
     mask: Tensor,
     *,
-    level: str = "token",
-    mode: str = "truncate",
+    level: IsLevel = "token",
+    mode: IsMode = "truncate",
     cap: float = 3.0,
 ) -> tuple[Tensor, CorrectionStats]:
     """Importance-sampling weights correcting engine-sampled tokens towards the trainer's policy.
@@ -116,8 +117,8 @@ def importance_weights(
     for name, t in (("engine_logp", engine_logp), ("mask", mask)):
         if t.shape != trainer_logp.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != trainer_logp shape {tuple(trainer_logp.shape)}")
-    check_choice("level", level, IS_LEVELS)
-    check_choice("mode", mode, IS_MODES)
+    check_choice("level", level, IsLevel)
+    check_choice("mode", mode, IsMode)
     if not cap > 0:
         raise ValueError(f"cap must be > 0, got {cap}")
     m = mask.bool()

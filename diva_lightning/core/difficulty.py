@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from diva_lightning.core._checks import check_1d, check_choice, check_float, check_same_length
+from diva_lightning.core._checks import check_1d, check_float, check_same_length
 
-Rule = Literal["linear", "binned"]
-RULES: tuple[str, ...] = ("linear", "binned")
-# What alpha is averaged from: "accuracy" (paper, default) or "reward" (the authors' code: the combined
-# 0.9 accuracy + 0.1 format reward, so an all-wrong well-formatted family scores 0.1, not 0).
-DIFFICULTY_STATISTICS: tuple[str, ...] = ("accuracy", "reward")
+# RULES and DIFFICULTY_STATISTICS (core.choices: what alpha is averaged from, "accuracy" (paper) or "reward" (the
+# authors' code)) are re-exported (``X as X``) for the callers that import them from here.
+from diva_lightning.core.choices import DIFFICULTY_STATISTICS as DIFFICULTY_STATISTICS
+from diva_lightning.core.choices import RULES as RULES
+from diva_lightning.core.choices import DifficultyRule, check_choice
 
 # Official binned rule: upper bounds (inclusive) and the step for each bin; the last bin is (.7, 1].
 _BIN_UPPER = (0.05, 0.3, 0.5, 0.7)
@@ -43,7 +43,7 @@ def update_difficulty(
     eta: float = 4.0,
     d_min: float = 1.0,
     d_max: float = 9.0,
-    rule: str = "linear",
+    rule: DifficultyRule = "linear",
 ) -> Tensor:
     """Apply one difficulty update elementwise.
 
@@ -66,7 +66,7 @@ def update_difficulty(
     check_float("old", old)
     check_float("accuracy", accuracy)
     check_same_length(old=old, accuracy=accuracy)
-    check_choice("rule", rule, RULES)
+    check_choice("rule", rule, DifficultyRule)
     if d_min > d_max:
         raise ValueError(f"d_min ({d_min}) must not exceed d_max ({d_max})")
     if bool(torch.isnan(old).any()):
@@ -159,12 +159,12 @@ class DifficultyTable:
     d_min: float = 1.0
     d_max: float = 9.0
     eta: float = 4.0
-    rule: str = "linear"
+    rule: DifficultyRule = "linear"
     _values: dict[str, float] = field(default_factory=dict, repr=False)
     _pending: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        check_choice("rule", self.rule, RULES)
+        check_choice("rule", self.rule, DifficultyRule)
         if not self.d_min <= self.initial <= self.d_max:
             raise ValueError(
                 f"initial ({self.initial}) must lie in [d_min, d_max] = [{self.d_min}, {self.d_max}]"
@@ -323,14 +323,12 @@ class DifficultyTable:
             "pending_ids": list(pending.ids),
             "pending_correct": pending.correct,
             "pending_count": pending.count,
-            "config": {
-                "initial": self.initial,
-                "d_min": self.d_min,
-                "d_max": self.d_max,
-                "eta": self.eta,
-                "rule": self.rule,
-            },
+            "config": self._config(),
         }
+
+    def _config(self) -> dict[str, Any]:
+        """The table's settings (its public fields) by name: what a checkpoint records with the values."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore exactly what :meth:`state_dict` saved, config included.
@@ -338,15 +336,8 @@ class DifficultyTable:
         Keys missing from an older checkpoint keep this table's current setting (config) or default to
         empty (values, pending).
         """
-        config = {
-            "initial": self.initial,
-            "d_min": self.d_min,
-            "d_max": self.d_max,
-            "eta": self.eta,
-            "rule": self.rule,
-            **state.get("config", {}),
-        }
-        check_choice("rule", config["rule"], RULES)
+        config = {**self._config(), **state.get("config", {})}
+        check_choice("rule", config["rule"], DifficultyRule)
         ids = [str(i) for i in state.get("ids", [])]
         values = torch.as_tensor(state.get("values", torch.zeros(0)), dtype=torch.float64).reshape(-1)
         if len(ids) != values.shape[0]:
@@ -356,10 +347,8 @@ class DifficultyTable:
         p_n = torch.as_tensor(state.get("pending_count", torch.zeros(0)), dtype=torch.float64).reshape(-1)
         if not len(p_ids) == p_c.shape[0] == p_n.shape[0]:
             raise ValueError("state_dict length mismatch in pending_ids/pending_correct/pending_count")
-        self.initial = float(config["initial"])
-        self.d_min = float(config["d_min"])
-        self.d_max = float(config["d_max"])
-        self.eta = float(config["eta"])
-        self.rule = str(config["rule"])
+        for name in ("initial", "d_min", "d_max", "eta"):
+            setattr(self, name, float(config[name]))
+        self.rule = config["rule"]  # checked above
         self._values = dict(zip(ids, values.tolist()))
         self._pending = {i: [c, n] for i, c, n in zip(p_ids, p_c.tolist(), p_n.tolist())}

@@ -54,11 +54,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diva_lightning.core._checks import check_choice
+# AGGS, KL_TYPES and RATIO_LEVELS are re-exported (``X as X``) for the callers that import them from here.
+from diva_lightning.core.choices import AGGS as AGGS
+from diva_lightning.core.choices import KL_TYPES as KL_TYPES
+from diva_lightning.core.choices import RATIO_LEVELS as RATIO_LEVELS
+from diva_lightning.core.choices import Agg, KlType, RatioLevel, check_choice
 
-AGGS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-KL_TYPES: tuple[str, ...] = ("k1", "k3", "low_var_kl")
-RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
 _LOG_RATIO_CLAMP = 20.0
 
 
@@ -91,7 +92,7 @@ class PolicyLossStats:
 def aggregate(
     values: Tensor,
     mask: Tensor,
-    agg: str = "token_mean",
+    agg: Agg = "token_mean",
     *,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
@@ -101,7 +102,7 @@ def aggregate(
 
     Masked entries are replaced by 0 with ``torch.where`` (not multiplied), so they can hold inf/NaN.
     """
-    check_choice("agg", agg, AGGS)
+    check_choice("agg", agg, Agg)
     v = torch.where(mask, values, torch.zeros_like(values))
     if agg == "token_mean":
         denom = float(num_tokens) if num_tokens is not None else max(1.0, float(mask.sum()))
@@ -193,16 +194,16 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.3,
     dual_clip: float | None = 3.0,
-    agg: str = "token_mean",
+    agg: Agg = "token_mean",
     ref_logp: Tensor | None = None,
     kl_coef: float = 0.0,
-    kl_type: str = "k3",
+    kl_type: KlType = "k3",
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     max_len: float | None = None,
-    ratio_level: str = "token",
+    ratio_level: RatioLevel = "token",
     is_weights: Tensor | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """Clipped policy loss of one (micro-)batch (see module docstring).
@@ -227,8 +228,8 @@ def policy_loss(
         used (the sequence ratio at each token for ``"sequence"``); ``approx_kl`` is always per token.
     """
     _check_inputs(logp, old_logp, advantages, mask)
-    check_choice("kl_type", kl_type, KL_TYPES)
-    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    check_choice("kl_type", kl_type, KlType)
+    check_choice("ratio_level", ratio_level, RatioLevel)
     for name, value in (("num_tokens", num_tokens), ("num_seqs", num_seqs), ("max_len", max_len)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")

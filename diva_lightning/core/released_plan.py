@@ -45,7 +45,8 @@ from typing import Literal
 
 import torch
 
-from diva_lightning.core.tiers import OFFICIAL_TARGET_MEAN, OFFICIAL_V1_TARGET, Tier, VariantSpec
+from diva_lightning.core.choices import Tier
+from diva_lightning.core.variants import OFFICIAL_TARGET_MEAN, OFFICIAL_V1_TARGET, VariantSpec
 
 ActionName = Literal["origin", "paraphrase", "noise", "rotate", "only_vision", "two_ops", "hint"]
 

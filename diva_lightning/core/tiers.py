@@ -46,26 +46,19 @@ Rotation angles (official): intensity < 0.25 -> a multiple of 45 deg, < 0.45 -> 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-from diva_lightning.core._checks import check_choice
+# IMAGE_OPS, PLANS, TIERS and VariantSpec are re-exported (``X as X``) for the callers that import them from here.
+from diva_lightning.core.choices import IMAGE_OPS as IMAGE_OPS
+from diva_lightning.core.choices import PLANS as PLANS
+from diva_lightning.core.choices import TIERS as TIERS
+from diva_lightning.core.choices import Plan, Tier, check_choice
+from diva_lightning.core.released_plan import plan_released
+from diva_lightning.core.variants import OFFICIAL_TARGET_MEAN, OFFICIAL_V1_TARGET
+from diva_lightning.core.variants import VariantSpec as VariantSpec
 
-Tier = Literal["easy", "medium", "hard"]
-TIERS: tuple[str, ...] = ("easy", "medium", "hard")
-# "original" (an extra copy of the question) and "only_vision" (text drawn into the image) occur only in
-# plan="released" (core.released_plan).
-VariantKind = Literal["paraphrase", "image", "hint", "original", "only_vision"]
-KINDS: tuple[str, ...] = ("paraphrase", "image", "hint", "original", "only_vision")
-IMAGE_OPS: tuple[str, ...] = ("rotate", "noise", "blur", "downup", "salt_pepper")
-PLANS: tuple[str, ...] = ("tiers", "official", "paraphrase", "released")
-
-# Official tables (authors' gen_new_item.py), keyed by integer difficulty 1..9.
-OFFICIAL_V1_TARGET: dict[int, int] = {1: 9, 2: 8, 3: 7, 4: 6, 5: 6, 6: 5, 7: 5, 8: 5, 9: 4}
-OFFICIAL_TARGET_MEAN: dict[int, float] = {1: 8, 2: 7.5, 3: 7, 4: 6.5, 5: 6, 6: 5.5, 7: 4.5, 8: 3.5, 9: 3}
 # Intensity thresholds that pick the rotation step (official NOISE_INTENSITY_THRESHOLDS).
 _ROT_LOW, _ROT_MEDIUM = 0.25, 0.45
 # From this intensity on an image variant combines two ops.
@@ -100,48 +93,6 @@ def tiers_of(d: Tensor, *, d_mid: float = 5.0, band: float = 0.5) -> list[Tier]:
     """Vectorised :func:`tier_of` returning names: Tensor[N] -> list of N tier names."""
     names: tuple[Tier, ...] = ("easy", "medium", "hard")
     return [names[c] for c in tier_codes(d, d_mid=d_mid, band=band).tolist()]
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """What one variant of a question is; realised by ``diva_lightning.data``.
-
-    Attributes:
-        kind: "paraphrase" (reworded text), "image" (perturbed image), "hint" (think steps appended).
-        tier: tier of the original question.
-        delta: label shift; the variant's difficulty label is D + delta.
-        intensity: perturbation strength in [0, 1] (image variants; 0 otherwise).
-        image_ops: ops to apply, a subset of ``IMAGE_OPS`` in canonical order (image variants only).
-        rotation_deg: rotation angle in degrees when "rotate" is in ``image_ops``, else 0.
-        hint_steps: number of think steps to append (hint variants only).
-        paraphrase_index: which stored paraphrase to use as the text, or None for the original text.
-    """
-
-    kind: VariantKind
-    tier: Tier
-    delta: float
-    intensity: float = 0.0
-    image_ops: tuple[str, ...] = ()
-    rotation_deg: float = 0.0
-    hint_steps: int = 0
-    paraphrase_index: int | None = None
-
-    def __post_init__(self) -> None:
-        check_choice("kind", self.kind, KINDS)
-        check_choice("tier", self.tier, TIERS)
-        if not 0.0 <= self.intensity <= 1.0:
-            raise ValueError(f"intensity must lie in [0, 1], got {self.intensity}")
-        unknown = [op for op in self.image_ops if op not in IMAGE_OPS]
-        if unknown:
-            raise ValueError(f"unknown image_ops {unknown}; allowed: {list(IMAGE_OPS)}")
-        if self.image_ops and self.kind != "image":
-            raise ValueError(f"image_ops given for a {self.kind} variant")
-        if self.hint_steps < 0 or (self.hint_steps > 0 and self.kind != "hint"):
-            raise ValueError(f"hint_steps={self.hint_steps} invalid for a {self.kind} variant")
-        if self.rotation_deg != 0.0 and "rotate" not in self.image_ops:
-            raise ValueError("rotation_deg set but 'rotate' is not in image_ops")
-        if self.paraphrase_index is not None and self.paraphrase_index < 0:
-            raise ValueError(f"paraphrase_index must be >= 0, got {self.paraphrase_index}")
 
 
 def _randint(low: int, high: int, generator: torch.Generator) -> int:
@@ -288,7 +239,7 @@ def plan_variants(
     num_variants: int,
     *,
     generator: torch.Generator,
-    plan: str = "tiers",
+    plan: Plan = "tiers",
     d_mid: float = 5.0,
     band: float = 0.5,
     d_min: float = 1.0,
@@ -313,7 +264,7 @@ def plan_variants(
     Returns:
         list of ``num_variants`` :class:`VariantSpec` (the original prompt is not included).
     """
-    check_choice("plan", plan, PLANS)
+    check_choice("plan", plan, Plan)
     if not (d_min <= difficulty <= d_max):
         raise ValueError(f"difficulty {difficulty} outside [d_min, d_max] = [{d_min}, {d_max}]")
     if num_variants < 0 or num_paraphrases < 0 or max_hint_steps < 1:
@@ -338,9 +289,7 @@ def plan_variants(
     para = _Paraphrases(num_paraphrases, generator)
     if plan == "paraphrase":
         return _paraphrases(tier, num_variants, para)
-    if plan == "released":  # imported here: released_plan builds on this module's tables and VariantSpec
-        from diva_lightning.core.released_plan import plan_released
-
+    if plan == "released":
         return plan_released(difficulty, num_variants, tier, generator=generator, num_paraphrases=num_paraphrases,
                              allowed_ops=ops, max_hint_steps=max_hint_steps)
     if plan == "official":

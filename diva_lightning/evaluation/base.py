@@ -26,10 +26,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from diva_lightning.core.choices import ReadMode, check_choice
 from diva_lightning.data.schema import (
     IMAGE_TAG,
     ImageRef,
@@ -43,7 +44,6 @@ from diva_lightning.data.schema import (
 
 logger = logging.getLogger(__name__)
 
-OnError = Literal["raise", "skip", "collect"]
 NativeRow = tuple[int, dict[str, Any] | None, str | None]  # (row number, row or None, syntax problem or None)
 
 
@@ -241,12 +241,11 @@ class Benchmark:
     headline: str = "accuracy"
     """The metric a one-number-per-benchmark table (Table 1) shows."""
 
-    def read(self, path: str | Path, on_error: OnError = "raise") -> tuple[list[QuestionRecord], LoadReport]:
+    def read(self, path: str | Path, on_error: ReadMode = "raise") -> tuple[list[QuestionRecord], LoadReport]:
         """Read a native benchmark file into records; bad rows raise :class:`RecordError` listing every
         problem (``on_error="raise"``) or are dropped and counted in the report (``"skip"``: and logged;
         ``"collect"``: not logged)."""
-        if on_error not in ("raise", "skip", "collect"):
-            raise ValueError(f"on_error must be 'raise', 'skip' or 'collect', got {on_error!r}")
+        check_choice("on_error", on_error, ReadMode)
         path = Path(path)
         report = LoadReport(path=str(path))
         kept: list[tuple[int, QuestionRecord]] = []

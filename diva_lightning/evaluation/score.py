@@ -12,13 +12,15 @@ way the ids are counted and listed in the output.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from diva_lightning.core.choices import OnError
 from diva_lightning.data.schema import QuestionRecord, RecordError
 from diva_lightning.evaluation.base import Benchmark, describe_load
 from diva_lightning.evaluation.responses import read_responses
@@ -70,16 +72,18 @@ def format_table(metrics: Mapping[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> ArgumentParser:
+    """jsonargparse, as every command of `python -m diva_lightning` (options may come from a --config file too)."""
     from diva_lightning.evaluation import BENCHMARKS
 
-    p = argparse.ArgumentParser(prog="python -m diva_lightning score",
-                                description="Grade saved responses on a benchmark's native file, without a model.")
+    p = ArgumentParser(prog="python -m diva_lightning score", default_env=False,
+                       description="Grade saved responses on a benchmark's native file, without a model.")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these options.")
     p.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), help="which benchmark's rules")
     p.add_argument("--data", required=True, type=Path, help="the benchmark's native file (.json/.jsonl/.parquet)")
     p.add_argument("--responses", required=True, type=Path, help='JSONL of {"id": ..., "response": ...}')
-    p.add_argument("--output", type=Path, default=None, help="metrics JSON (default: <responses>.metrics.json)")
-    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+    p.add_argument("--output", type=Path | None, default=None, help="metrics JSON (default: <responses>.metrics.json)")
+    p.add_argument("--on-error", type=OnError, default="raise",
                    help="bad data rows: fail listing them all (default), or skip and count them")
     p.add_argument("--missing-as-wrong", action="store_true", help="score questions without a response as 0")
     p.add_argument("--ignore-unknown", action="store_true", help="leave out responses whose id is no question")

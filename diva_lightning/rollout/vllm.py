@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from diva_lightning.core.choices import EngineDtype, choice_problems
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.models.logprobs import images_per_row
 from diva_lightning.models.lora import PEFT_PREFIX, is_lora, lora_scale
@@ -54,7 +55,6 @@ _INSTALL_HINT = ("VLLMEngine needs vLLM: pip install 'diva-lightning[vllm]' on a
                  "diva_lightning.rollout.hf.HFGenerateEngine")
 # transformers >= 5 names -> the original Qwen2(.5)-VL checkpoint names (vLLM's loaders read the latter).
 _NAME_RULES = ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual."))
-_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def vllm_weight_name(name: str) -> str:
@@ -153,12 +153,13 @@ class VLLMEngine(RolloutEngine):
     samples_from_module = False
 
     def __init__(self, *, gpu_memory_utilization: float = 0.4, max_images_per_prompt: int = 4,
-                 sleep_mode: bool | None = None, dtype: str = "auto", max_model_len: int | None = None,
+                 sleep_mode: bool | None = None, dtype: EngineDtype = "auto", max_model_len: int | None = None,
                  cpu_kv_cache_gib: int = 1, llm_kwargs: dict[str, Any] | None = None) -> None:
         if not 0 < gpu_memory_utilization < 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"VLLMEngine dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        problems = choice_problems("dtype", dtype, EngineDtype)
+        if problems:
+            raise ValueError(f"VLLMEngine {problems[0]}")
         if cpu_kv_cache_gib < 1:
             raise ValueError(f"cpu_kv_cache_gib must be >= 1, got {cpu_kv_cache_gib}")
         self.gpu_memory_utilization = gpu_memory_utilization

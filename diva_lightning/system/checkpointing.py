@@ -41,6 +41,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from typing_extensions import override
 
+from diva_lightning.training.config import FORMER_WORDS
+
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
@@ -266,6 +268,16 @@ def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
     return sorted(lines)
 
 
+def current_words(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's record with the words an option has since renamed read as today's (``prompt_overflow:
+    error`` is ``raise`` now, `training.config.FORMER_WORDS`): the same setting, so not a difference."""
+    def now(key: str, value: Any) -> Any:
+        words = FORMER_WORDS.get(key.rsplit(".", 1)[-1], {})
+        return words.get(value, value) if isinstance(value, str) else value
+
+    return {key: now(key, value) for key, value in recorded.items()}
+
+
 class ChangedSettingsError(ValueError):
     """A resume whose configuration differs from the one the checkpoint was trained with."""
 
@@ -279,7 +291,7 @@ def check_resume_settings(checkpoint: dict[str, Any], current: dict[str, Any], p
             f"cannot resume from {path}: the checkpoint records no run settings (written before diva-lightning "
             f"recorded them, or not through `python -m diva_lightning fit`), so a changed setting could not be "
             f"detected. Pass {ALLOW_SWITCH} to resume with the current config anyway.")
-    diffs = settings_differences(recorded, current)
+    diffs = settings_differences(current_words(recorded), current)
     if diffs:
         raise ChangedSettingsError(
             f"cannot resume from {path}: {len(diffs)} setting(s) differ from the run that wrote it (the resumed run "

@@ -406,7 +406,7 @@ class DivaDataModule(pl.LightningDataModule):
         Args:
             longest: (record, image sizes, whether variants are planned) -> its longest prompt in tokens.
             limit: the longest prompt allowed.
-            overflow: "error" (one RecordError listing every such question by file, row and id) or "skip"
+            overflow: "raise" (one RecordError listing every such question by file, row and id) or "skip"
                 (dropped, counted in a warning).
         Returns:
             the number of questions dropped.
@@ -429,7 +429,7 @@ class DivaDataModule(pl.LightningDataModule):
                 named[name] = keep
         self.train_records = sets[0][1][""]
         problems = list(dict.fromkeys(problems))  # a file used for train and val is reported once
-        if problems and overflow == "error":
+        if problems and overflow == "raise":
             raise RecordError(problems)
         if self.train_records and len(self.train_records) < self.questions_per_step * self._world_size:
             raise ValueError(f"DivaDataModule: after dropping {len(problems)} too-long question(s), "

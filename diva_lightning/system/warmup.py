@@ -2,6 +2,10 @@
 
 `python -m diva_lightning warmup --config experiments/warmup.yaml [--output_dir DIR | --ship true]`
 
+The recipe ships in the package as ``diva_lightning/system/warmup.yaml`` (`WARMUP_RECIPE`, what
+:func:`ensure_base_policy` runs when a run's embedded base policy is missing, so an installed package needs no
+repository); ``experiments/warmup.yaml`` is the same file for users to read and copy (a test keeps them equal).
+
 ``--ship true`` rebuilds the base policy the repository ships (``diva_lightning/assets/base_policy``, what
 ``policy: embedded`` loads); ``--output_dir`` builds it elsewhere (e.g. ``artifacts/base_policy``). Either way the
 folder gets ``SHA256SUMS`` (every checkpoint file), ``recipe.yaml`` (the resolved config) and ``build_info.json``.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -40,6 +45,9 @@ from diva_lightning.models.embedded import SHIPPED_DIR, file_sha256, write_check
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.models.tiny import build_tiny_policy
+
+WARMUP_RECIPE = Path(__file__).with_name("warmup.yaml")
+"""The warm-up recipe shipped in the package (equal to experiments/warmup.yaml)."""
 
 
 @dataclass
@@ -285,3 +293,24 @@ def warmup_main(argv: list[str] | None = None) -> None:
         if cli.config.get("ship"):  # the recipe names the folder as a clone sees it, not this machine's path
             cli.config["model"]["output_dir"] = str(SHIPPED_DIR.relative_to(SHIPPED_DIR.parents[2]))
         cli.parser.save(cli.config, str(out / "recipe.yaml"), overwrite=True, skip_check=True)
+
+
+def ensure_base_policy(policy: str, recipe: str | Path | None = None) -> None:
+    """Build the embedded base policy at ``policy`` by running the warm-up ``recipe`` (None: `WARMUP_RECIPE`) in
+    a subprocess, unless it already exists."""
+    target = Path(policy)
+    if (target / "config.json").exists():
+        return
+    recipe_path = Path(recipe) if recipe is not None else WARMUP_RECIPE
+    if not recipe_path.exists():
+        raise FileNotFoundError(
+            f"policy checkpoint {policy!r} is missing and the warm-up recipe {str(recipe_path)!r} was not found to "
+            "build it")
+    print(f"[diva-lightning] base policy {policy!r} not found: building it with `{recipe_path}` "
+          "(tiny Qwen2.5-VL, SFT warm-up on the procedural world; cached afterwards)", flush=True)
+    cmd = [sys.executable, "-m", "diva_lightning", "warmup", "--config", str(recipe_path),
+           "--output_dir", str(target)]
+    done = subprocess.run(cmd, check=False)
+    if done.returncode != 0 or not (target / "config.json").exists():
+        raise RuntimeError(f"building the base policy failed (exit {done.returncode}): {' '.join(cmd)}")
+    print(f"[diva-lightning] base policy ready at {target}", flush=True)

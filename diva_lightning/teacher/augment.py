@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from tqdm import tqdm
 
+from diva_lightning.core.choices import AugmentTask, OnError
 from diva_lightning.data.schema import QuestionRecord, decode_image, load_records_with_report
 from diva_lightning.teacher.base import Teacher
-from diva_lightning.teacher.checks import DEFAULT_MAX_SIMILARITY
 from diva_lightning.teacher.pipeline import TASKS, AugmentSettings, augment_batch, derive_seed
 from diva_lightning.teacher.prompts import PROMPT_VERSION
 from diva_lightning.teacher.report import format_table
@@ -36,6 +36,7 @@ _RUN_KEYS = ("teacher", "teacher_class", "prompt_version", "sampling", "settings
 
 
 def build_parser() -> ArgumentParser:
+    settings = AugmentSettings()  # the settings' defaults, declared once there
     p = ArgumentParser(prog="python -m diva_lightning augment", default_env=False,
                        description="Fill variants and think_steps of a record file with a local teacher "
                                    "(docs/teacher.md).")
@@ -46,24 +47,24 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--teacher", type=Teacher | str | None, default=None,
                    help="A checkpoint path or hub id (the HF teacher), or a teacher class_path: "
                         "diva_lightning.teacher.HFTeacher, VLLMTeacher, WorldTeacher.")
-    p.add_argument("--k", type=int, default=5, help="Paraphrases wanted per question.")
-    p.add_argument("--only", type=Literal["variants", "think_steps"] | None, default=None,
+    p.add_argument("--k", type=int, default=settings.k, help="Paraphrases wanted per question.")
+    p.add_argument("--only", type=AugmentTask | None, default=None,
                    help="Make only 'variants' or only 'think_steps' (default: both).")
-    p.add_argument("--attempts", type=int, default=1,
+    p.add_argument("--attempts", type=int, default=settings.attempts,
                    help="Rounds of asking; later rounds ask only for what is still missing.")
-    p.add_argument("--min-steps", type=int, default=3, help="Fewest think steps accepted.")
-    p.add_argument("--max-steps", type=int, default=5, help="Most think steps accepted.")
-    p.add_argument("--max-similarity", type=float, default=DEFAULT_MAX_SIMILARITY,
+    p.add_argument("--min-steps", type=int, default=settings.min_steps, help="Fewest think steps accepted.")
+    p.add_argument("--max-steps", type=int, default=settings.max_steps, help="Most think steps accepted.")
+    p.add_argument("--max-similarity", type=float, default=settings.max_similarity,
                    help="Reject a paraphrase at least this similar (word edit similarity) to the problem "
                         "or to a kept paraphrase.")
-    p.add_argument("--verify-paraphrases", action=ActionYesNo(no_prefix="no-"), default=False,
+    p.add_argument("--verify-paraphrases", action=ActionYesNo(no_prefix="no-"), default=settings.verify_paraphrases,
                    help="The teacher solves each paraphrase; kept only if its answer grades correct.")
     p.add_argument("--batch-size", type=int, default=8, help="Questions per batch (the unit of output and resume).")
     p.add_argument("--seed", type=int, default=0, help="Seed of all sampling (per batch, derived with the ids).")
     p.add_argument("--limit", type=int | None, default=None, help="Only the first N selected questions.")
     p.add_argument("--ids", type=str | None, default=None,
                    help="Only these ids: comma-separated, or a file with one id per line.")
-    p.add_argument("--on-error", type=Literal["raise", "skip"], default="raise",
+    p.add_argument("--on-error", type=OnError, default="raise",
                    help="Bad input rows: fail listing all problems (raise) or skip and count them (skip).")
     p.add_argument("--progress", action=ActionYesNo(no_prefix="no-"), default=True,
                    help="Show a progress bar on stderr (--no-progress: none).")

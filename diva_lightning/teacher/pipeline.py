@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from diva_lightning.core.choices import AUGMENT_TASKS as TASKS
+from diva_lightning.core.choices import AugmentTask
 from diva_lightning.data.schema import QuestionRecord
 from diva_lightning.rewards import accuracy_reward
 from diva_lightning.teacher import checks
@@ -35,8 +37,6 @@ from diva_lightning.teacher.prompts import (
     solve_prompt,
     steps_prompt,
 )
-
-TASKS = ("variants", "think_steps")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class AugmentSettings:
     max_steps: int = 5
     max_similarity: float = checks.DEFAULT_MAX_SIMILARITY
     verify_paraphrases: bool = False
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[AugmentTask, ...] = TASKS
 
     def __post_init__(self) -> None:
         problems = []

@@ -1,25 +1,38 @@
 """Typed settings of the training system, each with a `check()` that lists its problems.
 
 `DivaGRPOModule` collects every `check()` when it is built and raises once with all problems (issue 11 item 8:
-nothing is validated late, after a rollout). String choices are checked against core's constants, the one place
-they are defined.
+nothing is validated late, after a rollout). String choices are typed with `diva_lightning.core.choices`' aliases,
+so jsonargparse refuses an unknown word while parsing, and checked with its validator for code that builds these
+directly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diva_lightning.core.correction import IS_LEVELS, IS_MODES
-from diva_lightning.core.loss import AGGS, KL_TYPES, RATIO_LEVELS
+from diva_lightning.core.choices import (
+    Agg,
+    AttnImplementation,
+    FilterMetric,
+    IsLevel,
+    IsMode,
+    KlType,
+    OnError,
+    RatioLevel,
+    SamplingUnit,
+    WeightsDtype,
+    choice_problems,
+)
 
-PROMPT_OVERFLOW = ("error", "skip")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+FORMER_WORDS: dict[str, dict[str, str]] = {"prompt_overflow": {"error": "raise"}}
+"""Words an option used to take -> the word it takes now (option name as it ends the key). `prompt_overflow: error`
+became `raise`, the word of every option that decides what a bad input gets (`data.on_error` too)."""
 
 
-def _choice(name: str, value: object, allowed: tuple[object, ...]) -> list[str]:
-    if value in allowed:
-        return []
-    return [f"{name} must be one of {', '.join(str(a) for a in allowed)}, got {value!r}"]
+def former_word(option: str, value: object) -> str | None:
+    """The message for a word ``option`` no longer takes but used to (None for any other value)."""
+    now = FORMER_WORDS.get(option.rsplit(".", 1)[-1], {}).get(value) if isinstance(value, str) else None
+    return f"{option}: {value!r} is now called {now!r} (the word every option for a bad input uses)" if now else None
 
 
 @dataclass
@@ -32,22 +45,22 @@ class LossConfig:
     """Upper PPO clip (ratio <= 1 + clip_high); official 0.3."""
     dual_clip: float | None = 3.0
     """Dual-clip constant c for negative advantages; null turns it off."""
-    agg: str = "token_mean"
+    agg: Agg = "token_mean"
     """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (Dr.GRPO: constant = max_new_tokens)."""
-    ratio_level: str = "token"
+    ratio_level: RatioLevel = "token"
     """token (PPO/GRPO) | sequence (GSPO: one length-normalised ratio per response)."""
     mask_truncated_completions: bool = False
     """Responses that hit the token budget get no gradient (TRL's mask_truncated_completions)."""
     kl_coef: float = 0.0
     """Weight of the KL to the frozen reference policy (0 = no reference model is loaded)."""
-    kl_type: str = "k3"
+    kl_type: KlType = "k3"
     """k1 | k3 (low_var_kl)."""
     entropy_coef: float = 0.0
     """Entropy bonus weight."""
 
     def check(self) -> list[str]:
-        problems = _choice("loss.agg", self.agg, AGGS) + _choice("loss.kl_type", self.kl_type, KL_TYPES)
-        problems += _choice("loss.ratio_level", self.ratio_level, RATIO_LEVELS)
+        problems = choice_problems("loss.agg", self.agg, Agg) + choice_problems("loss.kl_type", self.kl_type, KlType)
+        problems += choice_problems("loss.ratio_level", self.ratio_level, RatioLevel)
         if not 0 <= self.clip_low < 1 or self.clip_high < 0:
             problems.append(f"loss.clip_low must be in [0, 1) and clip_high >= 0, got {self.clip_low}, "
                             f"{self.clip_high}")
@@ -91,16 +104,16 @@ class SamplingConfig:
 class CorrectionConfig:
     """Importance-sampling correction between the engine's and the trainer's log-probs (TRL's names)."""
 
-    level: str = "token"
+    level: IsLevel = "token"
     """token | sequence."""
-    mode: str = "truncate"
+    mode: IsMode = "truncate"
     """truncate (weights capped at `cap`) | mask (tokens or sequences above `cap` get weight 0)."""
     cap: float = 3.0
     """Cap C of the ratio pi_trainer / pi_engine."""
 
     def check(self) -> list[str]:
-        problems = _choice("rollout_correction.level", self.level, IS_LEVELS)
-        problems += _choice("rollout_correction.mode", self.mode, IS_MODES)
+        problems = choice_problems("rollout_correction.level", self.level, IsLevel)
+        problems += choice_problems("rollout_correction.mode", self.mode, IsMode)
         if self.cap <= 1:
             problems.append(f"rollout_correction.cap must be > 1, got {self.cap}")
         return problems
@@ -115,15 +128,15 @@ class DynamicSamplingConfig:
     max_draws: int = 3
     """Rollout rounds per step at most, the first included: the resample budget. Every rank draws as often as the
     rank that needs most; when the budget runs out, zero-spread groups fill the batch (no gradient, same size)."""
-    unit: str = "prompt"
+    unit: SamplingUnit = "prompt"
     """prompt (a prompt's G responses, GRPO's group) | family (a question and its variants, DIVA's global group)."""
-    metric: str = "reward"
+    metric: FilterMetric = "reward"
     """What must differ within a unit: reward (the shaped reward, as DAPO) | accuracy (the accuracy term alone, as
     MM-Eureka's online filter: a group that is all wrong but mixed in format is dropped)."""
 
     def check(self) -> list[str]:
-        problems = _choice("dynamic_sampling.unit", self.unit, ("prompt", "family"))
-        problems += _choice("dynamic_sampling.metric", self.metric, ("reward", "accuracy"))
+        problems = choice_problems("dynamic_sampling.unit", self.unit, SamplingUnit)
+        problems += choice_problems("dynamic_sampling.metric", self.metric, FilterMetric)
         if self.max_draws < 1:
             problems.append(f"dynamic_sampling.max_draws must be >= 1, got {self.max_draws}")
         return problems
@@ -166,9 +179,9 @@ class PolicyConfig:
     with a smaller budget of its own keeps it (the embedded policy: 56x56 .. 112x112).
     """
 
-    dtype: str = "float32"
+    dtype: WeightsDtype = "float32"
     """Weights dtype: float32 | bfloat16 (bfloat16 trains through float32 master copies in the optimizer)."""
-    attn_implementation: str | None = None
+    attn_implementation: AttnImplementation | None = None
     """sdpa | eager | flash_attention_2 (needs the flash-attn package) | null (transformers' choice)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (decoder layers and vision blocks)."""
@@ -182,8 +195,8 @@ class PolicyConfig:
     """Largest image area after resizing (null: auto, see above)."""
     max_prompt_length: int | None = None
     """Longest prompt in tokens (images included); null: the context length minus max_new_tokens."""
-    prompt_overflow: str = "error"
-    """error (all too-long questions listed before training) | skip (dropped and counted, with a warning)."""
+    prompt_overflow: OnError = "raise"
+    """raise (all too-long questions listed before training) | skip (dropped and counted, with a warning)."""
     padding_free: bool = True
     """Score responses without padding: each forward packs its responses' real tokens (prompt + completion through
     EOS) into one row with packed position ids, and encodes each distinct image once (docs/update.md). false: the
@@ -194,10 +207,12 @@ class PolicyConfig:
     micro-batches are micro_batch_size responses. Needs padding_free (a padded forward costs more than its tokens)."""
 
     def check(self) -> list[str]:
-        problems = _choice("policy_config.dtype", self.dtype, ("float32", "bfloat16"))
-        if self.attn_implementation is not None:
-            problems += _choice("policy_config.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
-        problems += _choice("policy_config.prompt_overflow", self.prompt_overflow, PROMPT_OVERFLOW)
+        problems = choice_problems("policy_config.dtype", self.dtype, WeightsDtype)
+        problems += choice_problems("policy_config.attn_implementation", self.attn_implementation,
+                                    AttnImplementation, optional=True)
+        renamed = former_word("policy_config.prompt_overflow", self.prompt_overflow)
+        problems += [renamed] if renamed else choice_problems("policy_config.prompt_overflow", self.prompt_overflow,
+                                                              OnError)
         if self.min_pixels is not None and self.min_pixels < 1:
             problems.append(f"policy_config.min_pixels must be >= 1, got {self.min_pixels}")
         if self.max_pixels is not None and self.max_pixels < max(1, self.min_pixels or 1):

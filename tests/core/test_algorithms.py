@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diva_lightning.core.advantage import diva_advantages
+from diva_lightning.core.advantage import DivaSettings, diva_advantages
 from diva_lightning.training.estimators import DivaAdvantage, GRPOAdvantage
 
 F64 = torch.float64
@@ -39,8 +39,8 @@ def test_rrb_threshold_and_factor_hand_worked() -> None:
 def test_estimator_equals_the_core_function_with_every_knob() -> None:
     rewards, pids, fids, diff = _batch()
     est = DivaAdvantage(k=0.2, rrb="threshold", rrb_threshold=0.5, rrb_factor=0.3, weight_terms="both")
-    want = diva_advantages(rewards, pids, fids, diff, k=0.2, rrb="threshold", rrb_threshold=0.5, rrb_factor=0.3,
-                           weight_terms="both")  # fmt: skip
+    settings = DivaSettings(k=0.2, rrb="threshold", rrb_threshold=0.5, rrb_factor=0.3, weight_terms="both")
+    want = diva_advantages(rewards, pids, fids, diff, settings)
     assert torch.equal(est(rewards, pids, fids, diff), want)
     assert "rrb_threshold=0.5" in repr(est) and "rrb_factor=0.3" in repr(est)
 

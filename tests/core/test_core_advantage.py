@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from diva_lightning.core import contiguous_ids
 from diva_lightning.core.advantage import (
+    DivaSettings,
     batch_zscore,
     difficulty_weight,
     diva_advantage_terms,
@@ -78,15 +79,16 @@ def test_diva_hand_worked_two_prompts_one_family() -> None:
     r, p, q, d = t(1, 0, 0, 0), ids(0, 0, 1, 1), ids(0, 0, 0, 0), t(5, 5, 6, 6)
     # step 1: local: prompt 0 mean .5 std sqrt(.5) -> [.7071, -.7071]; prompt 1 zero spread -> [0, 0]
     #         global: mean .25, std sqrt((.75^2 + 3 * .25^2)/3) = .5 -> [1.5, -.5, -.5, -.5]
-    terms = diva_advantage_terms(r, p, q, d, batch_norm=False, difficulty_weighting=False, rrb=None, eps=0.0)
+    off = DivaSettings(batch_norm=False, difficulty_weighting=False, rrb=None, eps=0.0)
+    terms = diva_advantage_terms(r, p, q, d, off)
     assert terms.local.tolist() == pytest.approx([math.sqrt(0.5), -math.sqrt(0.5), 0, 0])
     assert terms.global_.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5])
     # step 3: Dbar = 5.5; A=1.5, D=5: exp(.1 * -.5 * 1) = e^-.05; A=-.5, D=5: e^{+.05}; D=6: e^{-.05}
-    w = diva_advantage_terms(r, p, q, d, batch_norm=False, rrb=None, eps=0.0)
+    w = diva_advantage_terms(r, p, q, d, DivaSettings(batch_norm=False, rrb=None, eps=0.0))
     e = math.exp(0.05)
     assert w.global_.tolist() == pytest.approx([1.5 / e, -0.5 * e, -0.5 / e, -0.5 / e])
     # step 4 range: prompt 0 spread 1, prompt 1 spread 0 -> local [.7071, -.7071, 0, 0]; family spread 1
-    full = diva_advantages(r, p, q, d, batch_norm=False, eps=0.0)
+    full = diva_advantages(r, p, q, d, DivaSettings(batch_norm=False, eps=0.0))
     assert full.tolist() == pytest.approx(
         [math.sqrt(0.5) + 1.5 / e, -math.sqrt(0.5) - 0.5 * e, -0.5 / e, -0.5 / e]
     )
@@ -127,7 +129,7 @@ def test_shape_and_dtype_errors() -> None:
     with pytest.raises(ValueError, match="integer tensor of group ids"):
         grpo_advantages(t(0, 1), t(0, 0))
     with pytest.raises(ValueError, match="rrb"):
-        diva_advantages(t(0, 1), ids(0, 0), ids(0, 0), t(5, 5), rrb="clip")
+        diva_advantages(t(0, 1), ids(0, 0), ids(0, 0), t(5, 5), DivaSettings(rrb="clip"))
 
 
 def test_contiguous_ids_first_seen_order() -> None:
@@ -163,7 +165,8 @@ def test_batch_norm_only_rescales_group_zscores() -> None:
     # so the zero-spread prompt 1 stays at 0 with RRB off too.
     r, p, q = t(1, 0, 0, 0, 1, 0.5), ids(0, 0, 1, 1, 2, 2), ids(0, 0, 1, 1, 2, 2)
     raw = group_zscore(r, p)
-    normed = diva_advantage_terms(r, p, q, t(5, 5, 5, 5, 5, 5), rrb=None, difficulty_weighting=False).local
+    off = DivaSettings(rrb=None, difficulty_weighting=False)
+    normed = diva_advantage_terms(r, p, q, t(5, 5, 5, 5, 5, 5), off).local
     assert torch.allclose(normed, raw / (raw.std() + EPS))
     assert normed[2:4].tolist() == [0.0, 0.0]
 
@@ -204,8 +207,8 @@ def test_group_zscore_sums_to_zero_per_group(b: tuple[torch.Tensor, ...]) -> Non
 @given(b=batches(), shift=st.floats(-5, 5), scale_name=st.sampled_from(["group", "batch", "none"]))
 def test_shift_invariance(b: tuple[torch.Tensor, ...], shift: float, scale_name: str) -> None:
     r, p, q, d = b
-    base = diva_advantages(r, p, q, d, rrb=None)
-    assert torch.allclose(diva_advantages(r + shift, p, q, d, rrb=None), base, atol=1e-6)
+    base = diva_advantages(r, p, q, d, DivaSettings(rrb=None))
+    assert torch.allclose(diva_advantages(r + shift, p, q, d, DivaSettings(rrb=None)), base, atol=1e-6)
     g = grpo_advantages(r, p, scale=scale_name)
     assert torch.allclose(grpo_advantages(r + shift, p, scale=scale_name), g, atol=1e-6)
 
@@ -218,13 +221,15 @@ def test_scale_invariance_where_it_holds(b: tuple[torch.Tensor, ...], c: float) 
     # "range" RRB and Dr.GRPO are scale-equivariant instead (factor c).
     kw = {"eps": 1e-12}
     assert torch.allclose(
-        diva_advantages(r * c, p, q, d, rrb=None, **kw),
-        diva_advantages(r, p, q, d, rrb=None, **kw),
+        diva_advantages(r * c, p, q, d, DivaSettings(rrb=None, **kw)),
+        diva_advantages(r, p, q, d, DivaSettings(rrb=None, **kw)),
         atol=1e-6,
     )
     assert torch.allclose(grpo_advantages(r * c, p, **kw), grpo_advantages(r, p, **kw), atol=1e-6)
     assert torch.allclose(
-        diva_advantages(r * c, p, q, d, **kw), c * diva_advantages(r, p, q, d, **kw), atol=1e-6
+        diva_advantages(r * c, p, q, d, DivaSettings(**kw)),
+        c * diva_advantages(r, p, q, d, DivaSettings(**kw)),
+        atol=1e-6,
     )
     assert torch.allclose(
         grpo_advantages(r * c, p, scale="none"), c * grpo_advantages(r, p, scale="none"), atol=1e-9
@@ -250,7 +255,8 @@ def test_zero_spread_groups_give_zero(b: tuple[torch.Tensor, ...]) -> None:
 def test_k_zero_is_no_weighting(b: tuple[torch.Tensor, ...]) -> None:
     r, p, q, d = b
     assert torch.equal(
-        diva_advantages(r, p, q, d, k=0.0), diva_advantages(r, p, q, d, difficulty_weighting=False)
+        diva_advantages(r, p, q, d, DivaSettings(k=0.0)),
+        diva_advantages(r, p, q, d, DivaSettings(difficulty_weighting=False)),
     )
 
 
@@ -340,13 +346,15 @@ def test_diva_matches_python_loop_reference(
         p,
         q,
         d,
-        k=k,
-        batch_norm=batch_norm,
-        difficulty_weighting=weighting,
-        weight_terms=weight_terms,
-        rrb=rrb,
-        local_weight=wl,
-        global_weight=wg,
+        DivaSettings(
+            k=k,
+            batch_norm=batch_norm,
+            difficulty_weighting=weighting,
+            weight_terms=weight_terms,
+            rrb=rrb,
+            local_weight=wl,
+            global_weight=wg,
+        ),
     )
     want = _diva_loop(
         r.tolist(),

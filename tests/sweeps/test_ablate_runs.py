@@ -26,7 +26,7 @@ import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from diva_lightning.core.advantage import diva_advantages
+from diva_lightning.core.advantage import DivaSettings, diva_advantages
 from sweeps._common import REPO
 from sweeps.study import cell_of, open_storage
 
@@ -126,8 +126,8 @@ def test_rows_switch_off_their_component_and_rerun_only_reports(tiny_policy_dir:
         differs = False
         for s in trace:
             inputs = (s["rewards"], s["prompt_ids"], s["family_ids"], s["difficulty"])
-            torch.testing.assert_close(diva_advantages(*inputs, **kwargs).float(), s["advantages"])
-            differs |= not torch.allclose(diva_advantages(*inputs, **(kwargs | {key: on_value})).float(),
+            torch.testing.assert_close(diva_advantages(*inputs, DivaSettings(**kwargs)).float(), s["advantages"])
+            differs |= not torch.allclose(diva_advantages(*inputs, DivaSettings(**(kwargs | {key: on_value}))).float(),
                                           s["advantages"])
         assert differs, f"{row}: the trace cannot tell {key} on from off"
 
