@@ -6,7 +6,9 @@ import torch
 
 from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.data.batch import KIND_CODES, TIER_CODES
-from diva_lightning.system.datamodule import DivaDataModule, WorldConfig, apply_perturbations
+from diva_lightning.data.perturb import apply_perturbations
+from diva_lightning.data.sources import WorldConfig
+from diva_lightning.system.datamodule import DivaDataModule
 
 
 def _dm(**kw: object) -> DivaDataModule:
@@ -29,7 +31,7 @@ def test_families_follow_the_three_tiers() -> None:
     dm = _dm(num_variants=1)
     qb = dm.question_batch(0)
     ids = [r.id for r in qb.records]
-    dm.difficulty_table = _table_easy_medium_hard(ids)
+    dm.use_difficulty(_table_easy_medium_hard(ids))
     fb = dm.build_families(qb, num_variants=1)
     assert len(fb) == 6 and fb.family_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert fb.is_original.tolist() == [True, False] * 3
@@ -48,7 +50,7 @@ def test_families_follow_the_three_tiers() -> None:
 def test_perturbation_runs_after_transfer_and_only_on_variants() -> None:
     dm = _dm(num_variants=1)
     qb = dm.question_batch(0)
-    dm.difficulty_table = _table_easy_medium_hard([r.id for r in qb.records])
+    dm.use_difficulty(_table_easy_medium_hard([r.id for r in qb.records]))
     fb = dm.build_families(qb, num_variants=1)
     before = [img.clone() for img in fb.images]
     out = dm.on_after_batch_transfer(fb.to("cpu"), 0)
