@@ -112,8 +112,11 @@ class DivaDataModule(pl.LightningDataModule):
             image_ops=tuple(image_ops) if image_ops is not None else IMAGE_OPS,
         )
         self.world = world or WorldConfig()
-        self._check(settings, val_source, test_source, predict_source, questions_per_step, on_error,
-                    max_image_pixels, max_field_chars)
+        sources, problems = _check_settings(settings, self.world, (val_source, test_source, predict_source),
+                                            questions_per_step, on_error, max_image_pixels, max_field_chars)
+        if problems:
+            raise ValueError("DivaDataModule: " + "; ".join(problems))
+        self.val_sources, self.test_sources, self.predict_sources = sources
         self.train_source = train_source
         self.num_generations, self.val_batch_size = num_generations, val_batch_size
         self.val_sets: dict[str, list[QuestionRecord]] = {}  # per named source ("" for an unnamed one)
@@ -126,30 +129,6 @@ class DivaDataModule(pl.LightningDataModule):
         self.side_stream = SideStream(lambda p: self.question_batch(p, stream="extra"),
                                       lambda qb: self.build_families(qb, self.num_variants))
         self.position = 0  # training batches consumed (global step of the data stream)
-
-    def _check(self, settings: PlanSettings, val_source: SourceSpec, test_source: SourceSpec,
-               predict_source: SourceSpec, questions_per_step: int, on_error: str, max_image_pixels: int,
-               max_field_chars: int) -> None:
-        """Every problem with the settings in one ValueError; keeps the named sources."""
-        problems = settings.check()
-        if questions_per_step < 1:
-            problems.append(f"questions_per_step must be >= 1, got {questions_per_step}")
-        try:
-            self.val_sources, self.test_sources = named_sources(val_source), named_sources(test_source)
-            self.predict_sources = named_sources(predict_source)
-        except TypeError as err:
-            problems.append(f"val_source / test_source / predict_source: {err}")
-            self.val_sources, self.test_sources, self.predict_sources = {}, {}, {}
-        for setting, sources in (("val_source", self.val_sources), ("test_source", self.test_sources),
-                                 ("predict_source", self.predict_sources)):
-            problems += source_problems(sources, setting, _benchmark_names(sources))
-        if max_image_pixels < 1 or max_field_chars < 1:
-            problems.append(f"max_image_pixels and max_field_chars must be >= 1, got {max_image_pixels}, "
-                            f"{max_field_chars}")
-        problems += choice_problems("on_error", on_error, OnError)
-        problems += self.world.check()
-        if problems:
-            raise ValueError("DivaDataModule: " + "; ".join(problems))
 
     # ------------------------------------------------------------------------------------------- settings
     @property
@@ -318,6 +297,27 @@ class DivaDataModule(pl.LightningDataModule):
         self.position = int(state_dict.get("position", 0))
         self.side_stream.position = int(state_dict.get("extra_position", 0))
         self.families.fallbacks = int(state_dict.get("fallbacks", 0))
+
+
+def _check_settings(settings: PlanSettings, world: WorldConfig, specs: tuple[SourceSpec, SourceSpec, SourceSpec],
+                    questions_per_step: int, on_error: str, max_image_pixels: int, max_field_chars: int
+                    ) -> tuple[tuple[dict[str, Source], ...], list[str]]:
+    """The named (val, test, predict) sources and every problem with the data module's settings."""
+    problems = settings.check()
+    if questions_per_step < 1:
+        problems.append(f"questions_per_step must be >= 1, got {questions_per_step}")
+    try:
+        sources = tuple(named_sources(spec) for spec in specs)
+    except TypeError as err:
+        problems.append(f"val_source / test_source / predict_source: {err}")
+        sources = ({}, {}, {})
+    for setting, named in zip(("val_source", "test_source", "predict_source"), sources):
+        problems += source_problems(named, setting, _benchmark_names(named))
+    if max_image_pixels < 1 or max_field_chars < 1:
+        problems.append(f"max_image_pixels and max_field_chars must be >= 1, got {max_image_pixels}, "
+                        f"{max_field_chars}")
+    problems += choice_problems("on_error", on_error, OnError)
+    return sources, problems + world.check()
 
 
 def _benchmark_names(sources: dict[str, Source]) -> tuple[str, ...]:
