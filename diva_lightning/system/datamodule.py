@@ -132,8 +132,13 @@ class DivaDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------- settings
     @property
+    def plan_settings(self) -> PlanSettings:
+        """How variants are planned (the one copy of the plan settings, in `families`)."""
+        return self.families.settings
+
+    @property
     def num_variants(self) -> int:
-        return self.families.settings.num_variants
+        return self.plan_settings.num_variants
 
     @property
     def questions_per_step(self) -> int:
