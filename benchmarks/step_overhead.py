@@ -45,9 +45,11 @@ import yaml
 from diva_lightning.callbacks.difficulty import stats_from_outputs
 from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.data.batch import TIER_CODES, FamilyBatch, QuestionBatch
+from diva_lightning.data.perturb import apply_perturbations
+from diva_lightning.data.sources import WorldConfig
 from diva_lightning.rewards import CombinedReward
 from diva_lightning.rollout.hf import HFGenerateEngine
-from diva_lightning.system.datamodule import DivaDataModule, WorldConfig, apply_perturbations
+from diva_lightning.system.datamodule import DivaDataModule
 from diva_lightning.system.module import DivaGRPOModule, LossConfig, SamplingConfig
 from diva_lightning.training.estimators import AdvantageEstimator, DivaAdvantage, GRPOAdvantage
 
@@ -142,7 +144,7 @@ def grpo_step(module: DivaGRPOModule, fb: FamilyBatch, seed: int) -> tuple[dict[
 
 def diva_extras(dm: DivaDataModule, module: DivaGRPOModule, estimator: DivaAdvantage,
                 grpo_advantage: AdvantageEstimator, qb: QuestionBatch, fb_grpo: FamilyBatch, rollout: dict[str, Any],
-                group_size: int) -> tuple[dict[str, float], FamilyBatch]:
+                group_size: int, table: DifficultyTable) -> tuple[dict[str, float], FamilyBatch]:
     """(B) DIVA's own work for the same questions, on the latest GRPO rollout's rewards (same N responses).
 
     Differences (encoding, advantage) are timed back to back inside B (`paired_min`), so both terms see the same
@@ -167,8 +169,8 @@ def diva_extras(dm: DivaDataModule, module: DivaGRPOModule, estimator: DivaAdvan
 
     def update() -> None:
         stats = stats_from_outputs(outputs)
-        assert stats is not None and dm.difficulty_table is not None
-        dm.difficulty_table.update(stats.ids, stats.correct, stats.count)
+        assert stats is not None
+        table.update(stats.ids, stats.correct, stats.count)
 
     _, ms["table_update"] = timed(update)
     ms["advantage_extra"] = ms["advantage_diva"] - ms["advantage_grpo"]
@@ -198,7 +200,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         num_variants=data["num_variants"], plan=data.get("plan", "tiers"),
                         band=data.get("band", 0.5), num_generations=cfg["model"]["num_generations"], seed=args.seed)
     dm.setup("fit")
-    dm.difficulty_table = seeded_table(dm, cfg["difficulty"], args.seed)
+    table = seeded_table(dm, cfg["difficulty"], args.seed)
+    dm.use_difficulty(table)
 
     policy, note = args.policy, "embedded default (the shipped base policy)"
     if policy is None:
@@ -227,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 a_ms, last = grpo_step(module, fb0, seed=1000 + k)
             else:
                 assert last is not None
-                b_ms, fb = diva_extras(dm, module, estimator, module.advantage, qb, fb0, last, g_diva)
+                b_ms, fb = diva_extras(dm, module, estimator, module.advantage, qb, fb0, last, g_diva, table)
         if k < args.warmup:
             continue
         assert last is not None

@@ -13,12 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diva_lightning.data.batch import FamilyBatch, QuestionBatch
+from diva_lightning.data.streams import eval_shard
 from diva_lightning.data.world import generate_world
 from diva_lightning.evaluation import get_benchmark
 from diva_lightning.evaluation.run import EvalRun, EvalSource, log_values
 from diva_lightning.evaluation.score import score_responses
 from diva_lightning.rewards import CombinedReward
-from diva_lightning.system.datamodule import DivaDataModule, eval_shard
+from diva_lightning.system.datamodule import DivaDataModule
 from tests.benchmarks.conftest import box, write_wemath
 from tests.helpers.rewards import contains_digit
 

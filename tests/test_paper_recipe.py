@@ -99,7 +99,7 @@ def test_recipe_holds_the_authors_values(recipe: Any) -> None:
     assert model.policy_cfg.gradient_checkpointing and not model.policy_cfg.freeze_vision_tower
     assert model.policy_cfg.lora is None and model.policy_path == "Qwen/Qwen2.5-VL-7B-Instruct"
     # n = 5; 64 originals + 64 variants per step = 8 questions per GPU x 8 GPUs, V = 1; 640 responses
-    assert model.num_generations == 5 and data.num_variants == 1 and data.plan == "tiers"
+    assert model.num_generations == 5 and data.num_variants == 1 and data.plan_settings.plan == "tiers"
     assert data.questions_per_step * strategy["data_parallel_size"] == 64
     assert _budget(_resolved(FULL, *SCALE), dp=8) == 640
     # one update per step: one PPO epoch over one mini-batch (the round's responses)
@@ -257,7 +257,7 @@ def test_released_code_recipe_holds_the_released_values(tmp_path: Path) -> None:
     moved = update_difficulty(torch.full_like(scores, 5.0), scores, rule="binned") - 5.0
     assert moved.tolist() == [2.0, 2.0, 1.0, 1.0, 0.0, 0.0, -1.0, -2.0, -2.0]
     # the released variant plan (gen_new_item.py:378-414) and reward (math.py:21-49), V = 1, n = 5
-    assert data.plan == "released" and data.num_variants == 1 and model.num_generations == 5
+    assert data.plan_settings.plan == "released" and data.num_variants == 1 and model.num_generations == 5
     assert type(model.reward) is ReleasedReward
     assert (model.reward.acc_weight, model.reward.format_weight) == (0.9, 0.1)
     # the scale recipe is unchanged by it: 640 responses per step, one update
@@ -276,7 +276,8 @@ def test_paper_formulas_recipe_holds_the_papers_values_and_pins_full_yaml(tmp_pa
     assert (difficulty.table.rule, difficulty.table.eta, difficulty.statistic) == ("linear", 4.0, "accuracy")
     assert (difficulty.table.d_min, difficulty.table.d_max, difficulty.table.initial) == (1.0, 9.0, 5.0)
     # three tiers around D_mid 5, one variant, n = 5; math-verify reward 0.9 / 0.1
-    assert (data.plan, data.plan_settings.d_mid, data.plan_settings.band, data.num_variants) == ("tiers", 5.0, 0.5, 1)
+    plan = data.plan_settings
+    assert (plan.plan, plan.d_mid, plan.band, plan.num_variants) == ("tiers", 5.0, 0.5, 1)
     assert model.num_generations == 5
     assert type(model.reward) is CombinedReward and (model.reward.acc_weight, model.reward.format_weight) == (0.9, 0.1)
     # every value equals full.yaml's: the overlay changes nothing but the run name

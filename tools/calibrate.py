@@ -11,7 +11,7 @@ ones, and do paraphrases leave accuracy alone?
 
 Every variant is built the way the RL data module builds it: the text by ``data.variants.render_variant``
 from a real ``core.tiers.VariantSpec`` (paraphrase, hint, rotation notice), the image by
-``data.perturb.params_for`` + ``system.datamodule.apply_perturbations`` (Kornia). Conditions:
+``data.perturb.params_for`` + ``data.perturb.apply_perturbations`` (Kornia). Conditions:
 
 - ``original``, ``paraphrase`` (paraphrase ``i % 5`` of question i), ``blank`` (image replaced by white:
   the text-only floor, which shows that vision matters);
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.core.tiers import IMAGE_OPS, VariantSpec, plan_variants, rotation_angle
-from diva_lightning.data.perturb import PerturbParams, params_for
+from diva_lightning.data.perturb import PerturbParams, apply_perturbations, params_for
 from diva_lightning.data.schema import QuestionRecord, decode_image
 from diva_lightning.data.skew import SkewConfig
 from diva_lightning.data.variants import render_variant
@@ -49,7 +49,6 @@ from diva_lightning.data.world import generate_world
 from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.rewards import accuracy_reward, format_reward
 from diva_lightning.rollout.hf import HFGenerateEngine
-from diva_lightning.system.datamodule import apply_perturbations
 
 INTENSITIES: tuple[float, ...] = (0.2, 0.4, 0.6)  # the planner's intensity_range is (0.2, 0.6)
 HINT_STEPS: tuple[int, ...] = (1, 2, 3)

@@ -146,6 +146,8 @@ class DifficultyCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         datamodule = getattr(trainer, "datamodule", None)
+        if callable(getattr(datamodule, "use_difficulty", None)):  # DivaDataModule: the table handed in explicitly
+            datamodule.use_difficulty(self.table)
         for owner in (datamodule, pl_module):
             if owner is not None and hasattr(owner, "difficulty_table"):
                 owner.difficulty_table = self.table

@@ -35,6 +35,10 @@ from diva_lightning.core.choices import DifficultyRule, check_choice
 _BIN_UPPER = (0.05, 0.3, 0.5, 0.7)
 _BIN_STEP = (2.0, 1.0, 0.0, -1.0, -2.0)
 
+DEFAULT_DIFFICULTY: float = 5.0
+"""D of a question nothing has measured yet: the middle of the default scale [1, 9] (design.md section 3), the
+difficulty of a record that sets none, the table's initial value and the medium tier's centre d_mid."""
+
 
 def update_difficulty(
     old: Tensor,
@@ -155,7 +159,7 @@ class DifficultyTable:
         d_min, d_max, eta, rule: as in :func:`update_difficulty`.
     """
 
-    initial: float = 5.0
+    initial: float = DEFAULT_DIFFICULTY
     d_min: float = 1.0
     d_max: float = 9.0
     eta: float = 4.0

@@ -55,14 +55,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import get_rotation_matrix2d, resize, warp_affine
 from torch import Tensor
 
-OPS: tuple[str, ...] = ("rotate", "noise", "blur", "downup", "salt_pepper")
+from diva_lightning.core.choices import IMAGE_OPS, DownUp, check_choice
+
 SALT_PEPPER_SCALE = 0.2  # p = SALT_PEPPER_SCALE * intensity
 MIN_DOWNUP_FACTOR = 0.1
 _FLOAT_FIELDS = ("rotation_deg", "noise_sigma", "downup_factor", "salt_pepper")
@@ -321,20 +322,19 @@ class _SpecLike(Protocol):
 
 
 def params_for(
-    spec: _SpecLike, *, image_size: tuple[int, int], downup: Literal["monotone", "official"] = "monotone"
+    spec: _SpecLike, *, image_size: tuple[int, int], downup: DownUp = "monotone"
 ) -> dict[str, float]:
     """Concrete parameters (all five keys, off = identity value) for one image variant.
 
     Args:
-        spec: has ``image_ops`` (subset of :data:`OPS`), ``intensity`` in [0, 1], ``rotation_deg``.
+        spec: has ``image_ops`` (subset of ``core.choices.IMAGE_OPS``), ``intensity`` in [0, 1], ``rotation_deg``.
         image_size: (H, W) of the image, to cap the blur kernel.
         downup: "monotone" (factor = 1 - intensity, default) or "official" (factor = intensity).
     """
-    unknown = [op for op in spec.image_ops if op not in OPS]
+    unknown = [op for op in spec.image_ops if op not in IMAGE_OPS]
     if unknown:
-        raise ValueError(f"unknown image ops {unknown}; allowed: {list(OPS)}")
-    if downup not in ("monotone", "official"):
-        raise ValueError(f"downup must be 'monotone' or 'official', got {downup!r}")
+        raise ValueError(f"unknown image ops {unknown}; allowed: {list(IMAGE_OPS)}")
+    check_choice("downup", downup, DownUp)
     t = float(spec.intensity)
     out = {k: float(v) for k, v in _IDENTITY.items() if k != "seed"}
     ops = set(spec.image_ops)
@@ -352,4 +352,25 @@ def params_for(
         out["downup_factor"] = min(1.0, max(MIN_DOWNUP_FACTOR, f))
     if "salt_pepper" in ops:
         out["salt_pepper"] = SALT_PEPPER_SCALE * t
+    return out
+
+
+def apply_perturbations(images: Sequence[Tensor], params: PerturbParams) -> list[Tensor]:
+    """Perturb a flat list of images on their device, batching images of the same shape together.
+
+    Each image's noise is keyed by its own `params.seed`, so grouping never changes a result.
+    """
+    out = list(images)
+    active = (~params.is_identity()).nonzero().flatten().tolist()
+    if not active:
+        return out
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for j in active:
+        by_shape.setdefault(tuple(images[j].shape), []).append(j)
+    for idx in by_shape.values():
+        stacked = torch.stack([images[j] for j in idx])
+        sel = torch.tensor(idx, device=params.rotation_deg.device)
+        result = perturb_images(stacked, params.select(sel))
+        for slot, j in enumerate(idx):
+            out[j] = result[slot]
     return out

@@ -18,8 +18,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from diva_lightning.core.choices import IMAGE_OPS, ImageOp, Plan, choice_problems
+from diva_lightning.core.difficulty import DEFAULT_DIFFICULTY
 from diva_lightning.core.seeding import stable_seed
-from diva_lightning.core.tiers import IMAGE_OPS, PLANS, VariantSpec, plan_variants, tier_of
+from diva_lightning.core.tiers import VariantSpec, plan_variants, tier_of
 from diva_lightning.data.perturb import params_for
 from diva_lightning.data.schema import QuestionRecord
 from diva_lightning.data.variants import render_variant
@@ -29,32 +31,31 @@ ORIGINAL = "original"
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """How variants are planned (the data module's settings, validated once).
+    """How variants are planned: the data module's plan settings, stored here only and validated once.
 
     Attributes:
         num_variants: V, variants per question (0: plain GRPO stream).
-        plan: one of ``core.tiers.PLANS``.
+        plan: one of ``core.choices.PLANS``.
         band / d_mid / d_min / d_max: the difficulty scale and the medium tier's half-width.
         intensity_range: (low, high) perturbation intensity of image variants (``plan="tiers"``).
-        image_ops: image ops the planner may use (a subset of ``core.tiers.IMAGE_OPS``).
+        image_ops: image ops the planner may use (a subset of ``core.choices.IMAGE_OPS``).
     """
 
     num_variants: int = 1
-    plan: str = "tiers"
+    plan: Plan = "tiers"
     band: float = 0.5
-    d_mid: float = 5.0
+    d_mid: float = DEFAULT_DIFFICULTY
     d_min: float = 1.0
     d_max: float = 9.0
     intensity_range: tuple[float, float] = (0.2, 0.6)
-    image_ops: tuple[str, ...] = IMAGE_OPS
+    image_ops: tuple[ImageOp, ...] = IMAGE_OPS  # type: ignore[assignment]
 
     def check(self) -> list[str]:
         """Problems with these settings, one string each (empty when valid)."""
         problems = []
         if self.num_variants < 0:
             problems.append(f"num_variants must be >= 0, got {self.num_variants}")
-        if self.plan not in PLANS:
-            problems.append(f"plan must be one of {', '.join(PLANS)}, got {self.plan!r}")
+        problems += choice_problems("plan", self.plan, Plan)
         if not self.d_min < self.d_mid < self.d_max:
             problems.append(f"need d_min < d_mid < d_max, got {self.d_min}, {self.d_mid}, {self.d_max}")
         if self.band < 0:

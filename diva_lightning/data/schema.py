@@ -44,10 +44,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from diva_lightning.core.choices import ReadMode, check_choice
+from diva_lightning.core.difficulty import DEFAULT_DIFFICULTY
 from diva_lightning.data.images import (
     MAX_IMAGE_PIXELS,
     DecodeJob,
@@ -82,9 +84,6 @@ META_TYPES: dict[str, tuple[type, str]] = {
 """Metadata fields with a fixed meaning, validated when present."""
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg", b"GIF8": "gif", b"BM": "bmp"}
 
-OnError = Literal["raise", "skip", "collect"]
-"""raise: any problem raises; skip: bad rows dropped and logged; collect: dropped, not logged (the caller reports
-them, e.g. the data module, which raises or warns for all its files at once)."""
 Bad = list[tuple[str, str]]
 
 
@@ -103,7 +102,7 @@ class QuestionRecord:
     problem: str
     answer: str
     images: list[ImageRef] = field(default_factory=list)
-    difficulty: float = 5.0
+    difficulty: float = DEFAULT_DIFFICULTY
     variants: list[str] = field(default_factory=list)
     think_steps: list[str] = field(default_factory=list)
     answer_type: str | None = None
@@ -290,7 +289,7 @@ def _parse_row(row: dict[str, Any], *, max_field_chars: int
 
     difficulty = row.get("difficulty")
     if difficulty is None:
-        difficulty = 5.0
+        difficulty = DEFAULT_DIFFICULTY
     elif isinstance(difficulty, bool) or not isinstance(difficulty, int | float):
         bad.append(("difficulty", f"expected a number, got {_type_name(difficulty)} {_short(difficulty)}"))
     elif not math.isfinite(difficulty) or not D_MIN <= difficulty <= D_MAX:
@@ -438,7 +437,7 @@ def _row_id(obj: dict[str, Any] | None) -> str | None:
 def load_records_with_report(
     path: str | Path,
     *,
-    on_error: OnError = "raise",
+    on_error: ReadMode = "raise",
     inline_images: bool = False,
     images: ImageStore | None = None,
     max_image_pixels: int | None = None,
@@ -462,8 +461,7 @@ def load_records_with_report(
     Returns:
         The valid records in file order (each with ``data_file`` set) and a :class:`LoadReport`.
     """
-    if on_error not in ("raise", "skip", "collect"):
-        raise ValueError(f"on_error must be 'raise', 'skip' or 'collect', got {on_error!r}")
+    check_choice("on_error", on_error, ReadMode)
     if max_field_chars < 1:
         raise ValueError(f"max_field_chars must be >= 1, got {max_field_chars}")
     if max_image_pixels is None:
@@ -528,7 +526,7 @@ def load_records_with_report(
     return records, report
 
 
-def load_records(path: str | Path, *, on_error: OnError = "raise", inline_images: bool = False,
+def load_records(path: str | Path, *, on_error: ReadMode = "raise", inline_images: bool = False,
                  **limits: Any) -> list[QuestionRecord]:
     """:func:`load_records_with_report` without the report (skips are still logged as a warning)."""
     return load_records_with_report(path, on_error=on_error, inline_images=inline_images, **limits)[0]

@@ -403,7 +403,7 @@ class DivaGRPOModule(pl.LightningModule):
 
         filters = [filt(first)]
         while len(rounds) < ds.max_draws and self._min_over_ranks(sum(f.num_spread_units for f in filters)) < target:
-            extra = self.trainer.datamodule.extra_families(self.device)
+            extra = self.trainer.datamodule.side_stream.draw(self.device)
             rounds.append(self._rollout_round(extra, len(rounds), timings))
             filters.append(filt(rounds[-1]))
         selection = select_units(filters, target)

@@ -6,7 +6,9 @@ import torch
 
 from diva_lightning.core.difficulty import DifficultyTable
 from diva_lightning.data.batch import KIND_CODES, TIER_CODES
-from diva_lightning.system.datamodule import DivaDataModule, WorldConfig, apply_perturbations
+from diva_lightning.data.perturb import apply_perturbations
+from diva_lightning.data.sources import WorldConfig
+from diva_lightning.system.datamodule import DivaDataModule
 
 
 def _dm(**kw: object) -> DivaDataModule:
@@ -29,7 +31,7 @@ def test_families_follow_the_three_tiers() -> None:
     dm = _dm(num_variants=1)
     qb = dm.question_batch(0)
     ids = [r.id for r in qb.records]
-    dm.difficulty_table = _table_easy_medium_hard(ids)
+    dm.use_difficulty(_table_easy_medium_hard(ids))
     fb = dm.build_families(qb, num_variants=1)
     assert len(fb) == 6 and fb.family_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert fb.is_original.tolist() == [True, False] * 3
@@ -48,7 +50,7 @@ def test_families_follow_the_three_tiers() -> None:
 def test_perturbation_runs_after_transfer_and_only_on_variants() -> None:
     dm = _dm(num_variants=1)
     qb = dm.question_batch(0)
-    dm.difficulty_table = _table_easy_medium_hard([r.id for r in qb.records])
+    dm.use_difficulty(_table_easy_medium_hard([r.id for r in qb.records]))
     fb = dm.build_families(qb, num_variants=1)
     before = [img.clone() for img in fb.images]
     out = dm.on_after_batch_transfer(fb.to("cpu"), 0)
@@ -117,3 +119,19 @@ def test_world_composition_is_configurable_and_checked() -> None:
     assert "world.levels must be a non-empty list of levels in 1..5; got [0, 6]" in str(err.value)
     with pytest.raises(ValueError, match="world.skew composes splits from a success table"):
         DivaDataModule(world=WorldConfig(levels=[1], skew=SkewConfig(hard=0.5)))
+
+
+def test_side_stream_draws_its_own_stream_and_resumes_from_the_saved_position() -> None:
+    dm = _dm(num_variants=1)
+    drawn = [dm.side_stream.draw("cpu") for _ in range(3)]
+    assert dm.position == 0 and dm.side_stream.position == 3  # the training stream is untouched
+    assert [b.meta["position"] for b in drawn] == [-1, -2, -3]  # plans and noise never repeat a training batch's
+    assert drawn[0].question_ids != dm.build_families(dm.question_batch(0), 1).question_ids
+    # the positions and the fallback count; the difficulty table is DifficultyCallback's to save
+    assert dm.state_dict() == {"position": 0, "extra_position": 3, "fallbacks": 0}
+    resumed = _dm(num_variants=1)
+    resumed.load_state_dict({"position": 0, "extra_position": 1, "fallbacks": 0})
+    again = resumed.side_stream.draw("cpu")
+    assert (again.question_ids, again.problems) == (drawn[1].question_ids, drawn[1].problems)
+    assert torch.equal(again.difficulty, drawn[1].difficulty)
+    assert all(torch.equal(a, b) for a, b in zip(again.images, drawn[1].images, strict=True))

@@ -89,7 +89,7 @@ def test_datamodule_counts_fallbacks_by_kind_and_warns_once(tmp_path: object, ca
     dm = DivaDataModule(train_source=str(path), val_source=str(path), test_source=None, questions_per_step=2,
                         num_variants=2)
     dm.setup("fit")
-    dm.difficulty_table = table = DifficultyTable()
+    dm.use_difficulty(table := DifficultyTable())
     table.update(["q0", "q1"], torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))  # both go hard: hints
     with caplog.at_level(logging.WARNING):
         for position in (0, 1):
@@ -107,6 +107,7 @@ def test_records_own_difficulty_seeds_the_table(tmp_path: object) -> None:
     import lightning.pytorch as pl
 
     from diva_lightning.callbacks import DifficultyCallback
+    from diva_lightning.data.batch import QuestionBatch
     from diva_lightning.data.schema import write_records
 
     records = [_bare(id="easy", difficulty=2.0), _bare(id="hard", difficulty=8.5), _bare(id="plain")]
@@ -118,9 +119,11 @@ def test_records_own_difficulty_seeds_the_table(tmp_path: object) -> None:
     trainer = pl.Trainer(callbacks=[callback], logger=False, enable_checkpointing=False)
     trainer.datamodule = dm  # what Trainer.fit attaches before the setup hooks
     callback.setup(trainer, pl.LightningModule(), "fit")
-    assert dm.difficulty_table is callback.table
     assert callback.table.lookup(["easy", "hard", "plain"]).tolist() == [2.0, 8.5, 5.0]
+    qb = QuestionBatch(dm.train_records, [[] for _ in dm.train_records], position=0)
+    assert dm.build_families(qb, 0).question_difficulty.tolist() == [2.0, 8.5, 5.0]  # planned from the callback's
     callback.table.update(["easy"], torch.tensor([0.0]), torch.tensor([1.0]))  # 2 + 4 * 0.5 = 4
+    assert dm.build_families(qb, 0).question_difficulty.tolist() == [4.0, 8.5, 5.0]  # the live table, not a copy
     callback.table.seed(dm.initial_difficulties())  # seeding never overwrites a value the run has learned
     assert callback.table.lookup(["easy"]).tolist() == [4.0]
 

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diva_lightning.data.skew import SkewConfig, SuccessTable, compose, share_counts
+from diva_lightning.data.sources import WorldConfig
 from diva_lightning.data.world import generate_world
 from diva_lightning.models.embedded import SHIPPED_DIR
-from diva_lightning.system.datamodule import DivaDataModule, WorldConfig
+from diva_lightning.system.datamodule import DivaDataModule
 
 REPO = Path(__file__).resolve().parents[2]
 

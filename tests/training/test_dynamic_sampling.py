@@ -70,7 +70,7 @@ def test_dapo_keeps_the_batch_size_and_counts_every_rollout(tiny_policy_dir: str
         total += generated
         assert float(row["rollouts/generated"]) == total
     assert any(float(r["dynamic_sampling/draws"]) > 1 for r in rows)  # it really drew more
-    assert cli.datamodule.extra_position == sum(int(float(r["dynamic_sampling/draws"])) - 1 for r in rows)
+    assert cli.datamodule.side_stream.position == sum(int(float(r["dynamic_sampling/draws"])) - 1 for r in rows)
 
 
 def test_grpo_without_dynamic_sampling_counts_its_rollouts(tiny_policy_dir: str, tmp_path: Path) -> None:
