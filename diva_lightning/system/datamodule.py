@@ -555,6 +555,15 @@ class DivaDataModule(pl.LightningDataModule):
             records=[row.record for row in rows],
         )
 
+    def use_difficulty(self, table: DifficultyTable) -> None:
+        """The live difficulty table the variants are planned from (handed by `DifficultyCallback.setup`)."""
+        self.difficulty_table = table
+
+    @property
+    def side_stream(self) -> _SideStream:
+        """Dynamic sampling's stream of extra question families (`draw(device)`; see `extra_families`)."""
+        return _SideStream(self)
+
     def extra_families(self, device: torch.device | str) -> FamilyBatch:
         """One more batch of question families for dynamic sampling, ready for the policy (planned, on
         ``device``, images perturbed), from a stream of its own so the training stream's position is untouched.
@@ -638,3 +647,13 @@ def apply_perturbations(images: Sequence[Tensor], params: PerturbParams) -> list
         for slot, j in enumerate(idx):
             out[j] = result[slot]
     return out
+
+
+class _SideStream:
+    """`DivaDataModule.side_stream`: draws `extra_families` (a stand-in until the data module's own stream)."""
+
+    def __init__(self, datamodule: DivaDataModule) -> None:
+        self.datamodule = datamodule
+
+    def draw(self, device: torch.device | str) -> FamilyBatch:
+        return self.datamodule.extra_families(device)
