@@ -26,6 +26,15 @@ class SideStream(Protocol):
     def draw(self, device: torch.device | str) -> FamilyBatch: ...
 
 
+def side_stream_of(datamodule: object) -> SideStream:
+    """The data module's `side_stream`, or a clear error naming what is missing."""
+    stream = getattr(datamodule, "side_stream", None)
+    if stream is None:
+        raise ValueError("DivaGRPOModule: dynamic_sampling needs a data module with a side_stream (draws extra "
+                         f"question families), got {type(datamodule).__name__}")
+    return stream  # type: ignore[no-any-return]
+
+
 class DynamicSampler:
     """Fills a round with groups that carry a learning signal (see the module docstring).
 

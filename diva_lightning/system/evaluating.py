@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch
@@ -58,3 +60,53 @@ class Evaluator:
             for key, value in log_values(stage, results).items():
                 log(key, value, prog_bar=key == f"{stage}/accuracy", sync_dist=False)
         return results
+
+
+class EvaluationHooks(pl.LightningModule):
+    """The validation, test and predict hooks of `DivaGRPOModule` (a Lightning hook mixin): each stage's pass runs
+    through `self.evaluator`; test and predict results are kept in `test_results` / `predict_results`."""
+
+    evaluator: Evaluator
+    test_results: list[SourceResult]  # the last test pass, per source (every rank)
+    predict_results: list[SourceResult]
+
+    @property
+    def rounds(self) -> RoundRunner:
+        raise NotImplementedError
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.start("val", self.trainer.datamodule)
+
+    @override
+    def validation_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluator.add(self.rounds, batch, "val", batch_idx, dataloader_idx, self.trainer.datamodule)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self.evaluator.finish("val", self.trainer.datamodule, self.log)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.start("test", self.trainer.datamodule)
+
+    @override
+    def test_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluator.add(self.rounds, batch, "test", batch_idx, dataloader_idx, self.trainer.datamodule)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self.evaluator.finish("test", self.trainer.datamodule, self.log)
+
+    @override
+    def on_predict_epoch_start(self) -> None:
+        self.evaluator.start("predict", self.trainer.datamodule)
+
+    @override
+    def predict_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
+        """``{"id", "response"}`` rows of the batch (`num_samples` per question), as the ``score`` command reads."""
+        return self.evaluator.add(self.rounds, batch, "predict", batch_idx, dataloader_idx, self.trainer.datamodule)
+
+    @override
+    def on_predict_epoch_end(self) -> None:
+        self.predict_results = self.evaluator.finish("predict", self.trainer.datamodule, self.log)

@@ -6,8 +6,9 @@ beside this file: `round.py` (one training round, design.md section 2), `stages.
 data module's side stream), `evaluating.py` (validation/test/predict) and `policy_setup.py` (loading, LoRA, FSDP2,
 export). The math lives in `diva_lightning.core`, the update loop in `diva_lightning.training.ppo`.
 
-`training_step` returns the round's `callbacks.outputs.StepOutputs` as a dict (Lightning's manual optimization
-takes a dict or None). Test and predict results are kept in `test_results` / `predict_results` for the CLI.
+The evaluation hooks come from `evaluating.EvaluationHooks`. `training_step` returns the round's
+`callbacks.outputs.StepOutputs` as a dict (Lightning's manual optimization takes a dict or None). Test and predict
+results are kept in `test_results` / `predict_results` for the CLI.
 """
 
 from __future__ import annotations
@@ -15,27 +16,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from diva_lightning.core.seeding import stable_seed
 from diva_lightning.data.batch import FamilyBatch
 from diva_lightning.evaluation.run import SourceResult
 from diva_lightning.models.embedded import EMBEDDED
 from diva_lightning.models.policy import PolicyBundle
 from diva_lightning.models.prompt import PromptConfig
-from diva_lightning.models.vision import VisionSpec
 from diva_lightning.rewards import CombinedReward, Reward
 from diva_lightning.rollout.base import RolloutEngine
 from diva_lightning.rollout.hf import HFGenerateEngine
 from diva_lightning.system import policy_setup as setup_
 from diva_lightning.system.checkpointing import RUN_SETTINGS_KEY, check_resume_settings
-from diva_lightning.system.dynamic import DynamicSampler
-from diva_lightning.system.evaluating import Evaluator
-from diva_lightning.system.policy_setup import AUTHORS_PIXELS, EMBEDDED_POLICIES, BuiltPolicy
-from diva_lightning.system.round import RoundRunner, monitor_logs_reward, round_metrics
+from diva_lightning.system.dynamic import DynamicSampler, side_stream_of
+from diva_lightning.system.evaluating import EvaluationHooks, Evaluator
+from diva_lightning.system.policy_setup import AUTHORS_PIXELS, EMBEDDED_POLICIES
+from diva_lightning.system.round import RoundRunner, log_round
 from diva_lightning.system.settings import check_settings
 from diva_lightning.training import sharding
 from diva_lightning.training.config import (
@@ -52,7 +50,7 @@ __all__ = ["AUTHORS_PIXELS", "EMBEDDED_POLICIES", "CorrectionConfig", "DivaGRPOM
            "LossConfig", "PolicyConfig", "SamplingConfig"]
 
 
-class DivaGRPOModule(pl.LightningModule):
+class DivaGRPOModule(EvaluationHooks):
     """GRPO-family RL for vision-language policies, with DIVA as the default estimator.
 
     Args:
@@ -148,9 +146,6 @@ class DivaGRPOModule(pl.LightningModule):
         """The round's stages on this module (`encode`, `sample`, `grade`, `advantages`, `update`, `run`)."""
         return RoundRunner(self, self.sampler)
 
-    def pixel_budget(self, spec: VisionSpec) -> tuple[int, int]:
-        return setup_.pixel_budget(self.policy_cfg, spec)
-
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         assert self.policy is not None
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -169,10 +164,7 @@ class DivaGRPOModule(pl.LightningModule):
             budget = max(self.train_sampling.max_new_tokens, self.val_sampling.max_new_tokens)
             setup_.enforce_prompt_budget(datamodule, self.policy_path, self.policy_cfg, self.prompt, budget)
         if self.sampler is not None and stage == "fit":
-            if datamodule is None or not hasattr(datamodule, "side_stream"):
-                raise ValueError("DivaGRPOModule: dynamic_sampling needs a data module with a side_stream (draws "
-                                 f"extra question families), got {type(datamodule).__name__}")
-            self.sampler.bind(datamodule.side_stream)
+            self.sampler.bind(side_stream_of(datamodule))
 
     @override
     def configure_model(self) -> None:
@@ -198,15 +190,10 @@ class DivaGRPOModule(pl.LightningModule):
         return torch.optim.AdamW(params, **kwargs)
 
     def _start_generation(self, *, take_weights: bool = True) -> None:
-        """Once per process, when ranks and devices exist: the FSDP root forward and the engine's set-up. Then an
-        engine with its own copy of the weights (vLLM) takes the module's, which may have been restored from
-        ``--ckpt_path`` after the engine's checkpoint was chosen."""
+        """Once per process (ranks and devices exist): the FSDP root forward and the engine's set-up. Then an engine
+        with its own copy of the weights (vLLM) takes the module's, which may have been restored from --ckpt_path."""
         if not self._generation_ready:
-            assert self.bundle is not None and self.policy is not None
-            setup_.prepare_generation(self.engine, BuiltPolicy(self.bundle, self.policy, self.reference),
-                                      device=self.device, sharded=self.sharded, rank=self.global_rank,
-                                      world_size=self.trainer.world_size,
-                                      seed=stable_seed("engine", self.seed, self.global_rank))
+            setup_.prepare_generation(self)
             self._generation_ready = True
         if take_weights and not self.engine.samples_from_module:
             self.engine.sync_weights(self.policy)  # type: ignore[arg-type]
@@ -233,21 +220,7 @@ class DivaGRPOModule(pl.LightningModule):
         assert self.bundle is not None and self.policy is not None
         result = self.rounds.run(batch)
         self.rollouts_generated += result.sampled.generated
-        r, n = result.round, result.round.roll.num_responses
-        stats, fallbacks = round_metrics(result)
-        self.log_dict(stats, on_step=True, on_epoch=False, prog_bar=False, batch_size=n)
-        for key, count in fallbacks.items():
-            self.log(key, count, on_step=True, on_epoch=False, batch_size=n)
-        # rollouts generated so far over all ranks (dynamic sampling's dropped draws included): what budgets compare.
-        # Every rank draws as often as the others and each draw has the same size, so it is rank count x world.
-        self.log("rollouts/generated", float(self.rollouts_generated * self.trainer.world_size), on_step=True,
-                 on_epoch=False)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
-        if not monitor_logs_reward(self.trainer):  # logged once: by the AdvantageMonitor when there is one
-            self.log("reward", r.rewards.mean(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-        if r.roll.finished is not None:  # TRL's name: responses cut at max_new_tokens
-            clipped = (~r.roll.finished).float().mean()
-            self.log("completions/clipped_ratio", clipped, on_step=True, on_epoch=False, batch_size=n)
+        log_round(self, result, rollouts_generated=self.rollouts_generated)
         return result.outputs(self.device).as_dict()
 
     @override
@@ -263,53 +236,7 @@ class DivaGRPOModule(pl.LightningModule):
             check_resume_settings(checkpoint, self.run_settings, self.trainer.ckpt_path)
         self.rollouts_generated = int(checkpoint.get("diva_rollouts_generated", 0))
 
-    # -------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: FamilyBatch, stage: str, batch_idx: int, dataloader_idx: int) -> list[dict[str, str]]:
-        return self.evaluator.add(self.rounds, batch, stage, batch_idx, dataloader_idx, self.trainer.datamodule)
-
-    @override
-    def on_validation_epoch_start(self) -> None:
-        self.evaluator.start("val", self.trainer.datamodule)
-
-    @override
-    def validation_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "val", batch_idx, dataloader_idx)
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        self.evaluator.finish("val", self.trainer.datamodule, self.log)
-
-    @override
-    def on_test_epoch_start(self) -> None:
-        self.evaluator.start("test", self.trainer.datamodule)
-
-    @override
-    def test_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "test", batch_idx, dataloader_idx)
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        self.test_results = self.evaluator.finish("test", self.trainer.datamodule, self.log)
-
-    @override
-    def on_predict_epoch_start(self) -> None:
-        self.evaluator.start("predict", self.trainer.datamodule)
-
-    @override
-    def predict_step(self, batch: FamilyBatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, str]]:
-        """``{"id", "response"}`` rows of the batch (`num_samples` per question), as the ``score`` command reads."""
-        return self._evaluate(batch, "predict", batch_idx, dataloader_idx)
-
-    @override
-    def on_predict_epoch_end(self) -> None:
-        self.predict_results = self.evaluator.finish("predict", self.trainer.datamodule, self.log)
-
     # ------------------------------------------------------------------------------------------------ export
-    def export_state_dict(self) -> dict[str, Tensor]:
-        """The policy's full weights, LoRA merged (collective under FSDP; rank 0 receives them)."""
-        assert self.policy is not None
-        return setup_.export_state_dict(self.policy)
-
     def export_policy(self, out_dir: str | Path) -> Path | None:
         """Write the policy as a `save_pretrained` folder (every rank must call it; rank 0 writes, gets the path)."""
         assert self.bundle is not None and self.policy is not None

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig
 
+from diva_lightning.core.seeding import stable_seed
 from diva_lightning.models.embedded import EMBEDDED
 from diva_lightning.models.lora import apply_lora, is_lora, lora_scale, merge_lora_state_dict
 from diva_lightning.models.policy import (
@@ -25,7 +26,7 @@ from diva_lightning.models.policy import (
 )
 from diva_lightning.models.prompt import PromptConfig
 from diva_lightning.models.vision import VisionSpec
-from diva_lightning.rollout.base import RolloutEngine
+from diva_lightning.system.stages import TrainingSystem
 from diva_lightning.training import sharding
 from diva_lightning.training.config import PolicyConfig
 from diva_lightning.training.prompt_budget import PromptMeasure, longest_prompt, prompt_limit
@@ -120,18 +121,20 @@ def build_policy(policy: str, cfg: PolicyConfig, prompt: PromptConfig, *, with_r
     return BuiltPolicy(bundle, model, reference)
 
 
-def prepare_generation(engine: RolloutEngine, built: BuiltPolicy, *, device: torch.device, sharded: bool,
-                       rank: int, world_size: int, seed: int) -> None:
+def prepare_generation(system: TrainingSystem) -> None:
     """Once per process, when ranks and devices exist: the reference on the device, the FSDP root forward and the
-    engine's set-up (seeded by ``seed``)."""
-    pad_id = int(built.bundle.tokenizer.pad_token_id)
-    if built.reference is not None and not sharded:
-        built.reference.to(device)
-    if sharded:
-        sharding.initialise_root(built.policy, pad_id=pad_id, device=device)
-        if built.reference is not None:
-            sharding.initialise_root(built.reference, pad_id=pad_id, device=device)
-    engine.setup(built.bundle, rank=rank, world_size=world_size, seed=seed, sharded=sharded)
+    engine's set-up (seeded by the system's seed and rank)."""
+    s = system
+    assert s.bundle is not None and s.policy is not None
+    pad_id = int(s.bundle.tokenizer.pad_token_id)
+    if s.reference is not None and not s.sharded:
+        s.reference.to(s.device)
+    if s.sharded:
+        sharding.initialise_root(s.policy, pad_id=pad_id, device=s.device)
+        if s.reference is not None:
+            sharding.initialise_root(s.reference, pad_id=pad_id, device=s.device)
+    s.engine.setup(s.bundle, rank=s.global_rank, world_size=s.world_size,
+                   seed=stable_seed("engine", s.seed, s.global_rank), sharded=s.sharded)
 
 
 def export_state_dict(policy: torch.nn.Module) -> dict[str, Tensor]:

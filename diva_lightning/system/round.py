@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
@@ -118,11 +119,22 @@ def monitor_logs_reward(trainer: Any) -> bool:
                for cb in trainer.callbacks)
 
 
-def round_metrics(result: RoundResult) -> tuple[dict[str, float], dict[str, float]]:
-    """(the update's and dynamic sampling's statistics, the variant fallbacks of the round's batches)."""
-    fallbacks: dict[str, float] = {}
-    batch = result.round.batch
-    for part in batch.meta.get("parts", [batch.meta]):
+def log_round(module: pl.LightningModule, result: RoundResult, *, rollouts_generated: int) -> None:
+    """Log a round's statistics through ``module.log`` (on step): the update's and dynamic sampling's, the variant
+    fallbacks, the rollouts generated so far, the learning rate, the mean reward and the clipped ratio."""
+    r, n = result.round, result.round.roll.num_responses
+    module.log_dict({**result.update_stats, **result.sampled.stats}, on_step=True, on_epoch=False, prog_bar=False,
+                    batch_size=n)
+    for part in r.batch.meta.get("parts", [r.batch.meta]):
         for kind, count in part.get("fallbacks", {}).items():
-            fallbacks[f"data/variant_fallbacks/{kind}"] = float(count)
-    return {**result.update_stats, **result.sampled.stats}, fallbacks
+            module.log(f"data/variant_fallbacks/{kind}", float(count), on_step=True, on_epoch=False, batch_size=n)
+    # rollouts generated so far over all ranks (dynamic sampling's dropped draws included): what budgets compare.
+    # Every rank draws as often as the others and each draw has the same size, so it is rank count x world.
+    world = module.trainer.world_size
+    module.log("rollouts/generated", float(rollouts_generated * world), on_step=True, on_epoch=False)
+    module.log("lr", module.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)  # type: ignore[union-attr]
+    if not monitor_logs_reward(module.trainer):  # logged once: by the AdvantageMonitor when there is one
+        module.log("reward", r.rewards.mean(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+    if r.roll.finished is not None:  # TRL's name: responses cut at max_new_tokens
+        clipped = (~r.roll.finished).float().mean()
+        module.log("completions/clipped_ratio", clipped, on_step=True, on_epoch=False, batch_size=n)
