@@ -9,7 +9,7 @@ experiments/grpo.yaml overlay for the baseline). For each step k the same B ques
 
 (A) the vanilla GRPO step: encode + rollout (G=10 per question, V=0), reward (CombinedReward), GRPO advantage and
     the policy update (old log-probs, forward+backward over micro-batches, grad clip, AdamW) -- the very
-    `DivaGRPOModule` methods that `training_step` calls (`_encode`, `_sample`, `_grade`, `advantage`, `_update`);
+    round stages that `training_step` runs (`module.rounds`: `encode`, `sample`, `grade`, `advantage`, `update`);
 (B) DIVA's extra work at the same rollout budget (V=1, G=5): difficulty lookup + variant planning + text edits
     (`DivaDataModule.build_families`), the on-device Kornia perturbations (`apply_perturbations`), the extra prompt
     encoding (2B prompts instead of B), DIVA advantage minus GRPO advantage, and the difficulty-table update
@@ -83,7 +83,7 @@ def load_settings(full: Path, grpo: Path) -> dict[str, Any]:
 
 
 def build_module(policy: str, model: dict[str, Any], grpo_model: dict[str, Any]) -> DivaGRPOModule:
-    """The baseline `DivaGRPOModule` (full.yaml + grpo.yaml settings), attached to a bare Trainer so `_update`
+    """The baseline `DivaGRPOModule` (full.yaml + grpo.yaml settings), attached to a bare Trainer so `rounds.update`
     runs unchanged."""
     module = DivaGRPOModule(
         policy=policy, advantage=GRPOAdvantage(**_init_args(grpo_model, "advantage")),
@@ -95,7 +95,7 @@ def build_module(policy: str, model: dict[str, Any], grpo_model: dict[str, Any])
         weight_decay=model.get("weight_decay", 0.0), grad_clip=model.get("grad_clip", 1.0),
     )
     module.configure_model()
-    # `_update` uses the module's optimizer, manual_backward and clip_gradients: give it the Trainer plumbing
+    # `rounds.update` uses the module's optimizer, manual_backward and clip_gradients: give it the Trainer plumbing
     # (strategy + optimizer) without running a fit loop, so A and B can be interleaved step by step.
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -126,17 +126,18 @@ def paired_min(fn_a: Callable[[], Any], fn_b: Callable[[], Any], reps: int = 3) 
 def grpo_step(module: DivaGRPOModule, fb: FamilyBatch, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
     """(A) One vanilla GRPO round; returns component times (ms) and the rollout's rewards/accuracy [N]."""
     ms: dict[str, float] = {}
-    inputs, ms["encode"] = timed(module._encode, fb)
+    rounds = module.rounds
+    inputs, ms["encode"] = timed(rounds.encode, fb)
     with torch.no_grad():
-        roll, ms["generate"] = timed(module._sample, inputs, module.train_sampling, module.num_generations, seed)
+        roll, ms["generate"] = timed(rounds.sample, inputs, module.train_sampling, module.num_generations, seed)
     prompt_ids = roll.prompt_index  # [N]
-    graded, ms["reward"] = timed(module._grade, roll.texts, [fb.answers[i] for i in prompt_ids.tolist()])
+    graded, ms["reward"] = timed(rounds.grade, roll.texts, [fb.answers[i] for i in prompt_ids.tolist()])
     rewards = graded.reward.to(torch.float32)  # [N]
     adv, ms["advantage"] = timed(module.advantage, rewards, prompt_ids, fb.family_index[prompt_ids],
                                  fb.difficulty[prompt_ids])
     assert module.policy is not None
     module.policy.train()
-    _, ms["update"] = timed(module._update, inputs, roll, adv.to(torch.float32))
+    _, ms["update"] = timed(rounds.update, inputs, roll, adv.to(torch.float32))
     ms["step"] = sum(ms.values())
     lengths = roll.completion_mask.sum(-1).float()
     return ms, {"rewards": rewards, "accuracy": graded.accuracy, "mean_length": float(lengths.mean())}
@@ -157,7 +158,8 @@ def diva_extras(dm: DivaDataModule, module: DivaGRPOModule, estimator: DivaAdvan
     fb, ms["families"] = timed(dm.build_families, qb, dm.num_variants)
     fb = fb.to(module.device)  # what Lightning's batch transfer does before on_after_batch_transfer
     fb.images, ms["perturb"] = timed(apply_perturbations, fb.images, fb.perturb)
-    ms["encode_diva"], ms["encode_grpo"] = paired_min(lambda: module._encode(fb), lambda: module._encode(fb_grpo))
+    rounds = module.rounds
+    ms["encode_diva"], ms["encode_grpo"] = paired_min(lambda: rounds.encode(fb), lambda: rounds.encode(fb_grpo))
     rewards, accuracy = rollout["rewards"], rollout["accuracy"]
     prompt_ids = torch.arange(len(fb)).repeat_interleave(group_size)  # [N], groups contiguous as the engine's
     family_ids, labels = fb.family_index[prompt_ids], fb.difficulty[prompt_ids]

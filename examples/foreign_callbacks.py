@@ -16,7 +16,10 @@ class Questions(pl.LightningDataModule):
     def __init__(self, batches: int = 6) -> None:
         super().__init__()
         self.batches = batches
-        self.difficulty_table = None  # DifficultyCallback puts its live table here
+        self.difficulty_table = None
+
+    def use_difficulty(self, table: object) -> None:
+        self.difficulty_table = table  # DifficultyCallback hands its live table here in setup
 
     def initial_difficulties(self) -> dict[str, float]:
         return {"q2": 8.0}  # q2 starts at 8, the others at DifficultyCallback(initial=5.0)
@@ -29,7 +32,10 @@ class Answerer(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(1, 1)
-        self.difficulty_table = None  # DifficultyCallback puts its live table here too
+        self.difficulty_table = None
+
+    def use_difficulty(self, table: object) -> None:
+        self.difficulty_table = table  # ... and here too
 
     def training_step(self, batch: list[str], batch_idx: int) -> dict:
         accuracy = torch.tensor([a for q in batch for a in RIGHT[q]])  # [N]: N = 2 responses x 3 questions

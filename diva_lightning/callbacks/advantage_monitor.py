@@ -1,12 +1,12 @@
 """`AdvantageMonitor`: logs the GRPO/DIVA signal-health metrics of design.md section 7.
 
-Usable in any Lightning project. It reads, from the dict returned by `training_step` (or, if that returns a tensor,
-from `pl_module.difficulty_outputs`; a `None` return is a skipped batch, not logged: `callbacks/outputs.py`),
-after every training batch, one entry per response
-for N responses (missing optional keys just skip their metrics). Each may be a tensor (any device), a list or a
-numpy array, 1-D [N] or 2-D [P, G] (flattened row-major, so [P, G] means P prompts x G responses); every key must
-then hold N entries. Group ids may be ints or any hashable labels (strings), which are numbered in order of first
-appearance. Anything else (3-D, a dict, text rewards, another length) is rejected with a message naming the key.
+Usable in any Lightning project. After every training batch it reads a `callbacks.outputs.StepOutputs`: the dict
+returned by `training_step` (or, if that returns a tensor, `pl_module.difficulty_outputs`; a `None` return is a
+skipped batch, not logged), one entry per response for N responses (missing optional keys just skip their
+metrics). Each may be a tensor (any device), a list or a numpy array, 1-D [N] or 2-D [P, G] (flattened row-major,
+so [P, G] means P prompts x G responses); every key must then hold N entries. Group ids may be ints or any hashable
+labels (strings), which are numbered in order of first appearance. Anything else (3-D, a dict, text rewards,
+another length) is rejected with a message naming the key.
 
 | key | shape | meaning | required |
 |---|---|---|---|
@@ -15,13 +15,13 @@ appearance. Anything else (3-D, a dict, text rewards, another length) is rejecte
 | `family_ids` | [N] int or labels | global group (question + its variants) | no |
 | `is_original` | [N] bool | response to the unmodified question | no |
 | `accuracy`, `format` | [N] float | reward components | no |
-| `tier` | [N] int | 0 easy, 1 medium, 2 hard | no |
-| `kind` | [N] int | 0 original, 1 paraphrase, 2 image, 3 hint (prompt the response answers) | no |
+| `tier` | [N] int | 0 easy, 1 medium, 2 hard (`core.choices.TIERS`) | no |
+| `kind` | [N] int | 0 original, 1 paraphrase, 2 image, 3 hint (`core.choices.STEP_KINDS`: the prompt answered) | no |
 | `completion_lengths` | [N] int | tokens per response | no |
 | `advantages` | [N] float | final advantage per response | no |
 | `timings` | dict[str, float] | seconds per phase (rollout, reward, advantage, update) | no |
 
-Logged: `reward`, `reward_std`, `rewards/accuracy`, `rewards/format`, `frac_reward_zero_std`,
+Logged: `reward` (also on the progress bar), `reward_std`, `rewards/accuracy`, `rewards/format`, `frac_reward_zero_std`,
 `frac_family_zero_std`, `variant_rescue_rate`, `completions/mean_length`, `tier/{easy,medium,hard}/count`,
 `/accuracy` and `/frac_zero_std` (local groups of that tier), `frac_reward_zero_std/{original,paraphrase,image,hint}`
 (local groups of that prompt kind: where DIVA's zero-spread groups come from), `kind/<kind>/accuracy` and
@@ -35,6 +35,7 @@ another does not would deadlock the collective.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,18 +44,20 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from diva_lightning.callbacks.outputs import batch_outputs
+from diva_lightning.callbacks.outputs import StepOutputs, batch_outputs
+from diva_lightning.core.choices import STEP_KINDS, TIERS
 from diva_lightning.core.metrics import per_group_mean, variant_rescue_rate, zero_std_fraction
 
-TIER_NAMES = ("easy", "medium", "hard")
 _NUMERIC = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
             torch.float32, torch.float64)
-KIND_NAMES = ("original", "paraphrase", "image", "hint")
 
 
-def _vector(outputs: dict[str, Any], key: str, n: int | None) -> Tensor:
-    """outputs[key] as a 1-D CPU tensor of ``n`` entries (see the module docstring for what is accepted)."""
-    value = outputs[key]
+def _vector(outputs: StepOutputs, key: str, n: int | None) -> Tensor:
+    """outputs.<key> as a 1-D CPU tensor of ``n`` entries (see the module docstring for what is accepted)."""
+    return _as_vector(getattr(outputs, key), key, n)
+
+
+def _as_vector(value: Any, key: str, n: int | None) -> Tensor:
     if isinstance(value, Tensor):
         t = value.detach().cpu()
     else:
@@ -75,26 +78,26 @@ def _vector(outputs: dict[str, Any], key: str, n: int | None) -> Tensor:
     return t
 
 
-def _group_ids(outputs: dict[str, Any], key: str, n: int) -> Tensor:
+def _group_ids(outputs: StepOutputs, key: str, n: int) -> Tensor:
     """Group labels as integer ids; non-numeric labels (e.g. question id strings) numbered by first appearance."""
-    value = outputs[key]
+    value = getattr(outputs, key)
     if not isinstance(value, Tensor) and isinstance(value, list | tuple) and any(isinstance(v, str) for v in value):
         codes: dict[Any, int] = {}
         value = [codes.setdefault(v, len(codes)) for v in value]
-        outputs = {key: value}
-    return _vector(outputs, key, n).long()
+    return _as_vector(value, key, n).long()
 
 
-def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
-    """The metrics for one step's outputs (pure function of the outputs dict; see module docstring)."""
-    if "rewards" not in outputs:
+def monitor_metrics(outputs: StepOutputs | Mapping[str, Any]) -> dict[str, float]:
+    """The metrics for one step's outputs (pure function of the outputs; see module docstring)."""
+    out = outputs if isinstance(outputs, StepOutputs) else StepOutputs.from_mapping(outputs)
+    if not out.has("rewards"):
         raise KeyError("AdvantageMonitor: training_step outputs lack required key 'rewards'")
-    rewards = _vector(outputs, "rewards", None).double()
+    rewards = _vector(out, "rewards", None).double()
     n = rewards.numel()
-    raw = outputs["rewards"]
+    raw = out.rewards
     shape = tuple(raw.shape) if isinstance(raw, Tensor) else tuple(torch.as_tensor(raw).shape)
-    if "prompt_ids" in outputs:
-        prompt_ids = _group_ids(outputs, "prompt_ids", n)
+    if out.has("prompt_ids"):
+        prompt_ids = _group_ids(out, "prompt_ids", n)
     elif len(shape) == 2:
         prompt_ids = torch.arange(shape[0]).repeat_interleave(shape[1])  # [P, G]: row p holds prompt p's responses
     else:
@@ -106,47 +109,57 @@ def monitor_metrics(outputs: dict[str, Any]) -> dict[str, float]:
         "frac_reward_zero_std": zero_std_fraction(rewards, prompt_ids),
     }
     for name in ("accuracy", "format"):
-        if name in outputs:
-            m[f"rewards/{name}"] = float(_vector(outputs, name, n).double().mean())
-    if outputs.get("family_ids") is not None:
-        family = _group_ids(outputs, "family_ids", n)
+        if out.has(name):
+            m[f"rewards/{name}"] = float(_vector(out, name, n).double().mean())
+    if out.family_ids is not None:
+        family = _group_ids(out, "family_ids", n)
         m["frac_family_zero_std"] = zero_std_fraction(rewards, family)
-        if "is_original" in outputs:
-            rate = variant_rescue_rate(rewards, prompt_ids, family, _vector(outputs, "is_original", n).bool())
+        if out.has("is_original"):
+            rate = variant_rescue_rate(rewards, prompt_ids, family, _vector(out, "is_original", n).bool())
             if rate is not None:
                 m["variant_rescue_rate"] = rate
-    if "completion_lengths" in outputs:
-        m["completions/mean_length"] = float(_vector(outputs, "completion_lengths", n).double().mean())
-    acc: Tensor | None = _vector(outputs, "accuracy", n).double() if "accuracy" in outputs else None
-    if "tier" in outputs:
-        tier = _vector(outputs, "tier", n)
-        for code, name in enumerate(TIER_NAMES):
-            sel = tier == code
-            m[f"tier/{name}/count"] = float(sel.sum())
-            if acc is not None and bool(sel.any()):
-                m[f"tier/{name}/accuracy"] = float(acc[sel].mean())
-            if bool(sel.any()):
-                m[f"tier/{name}/frac_zero_std"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
-    if "kind" in outputs:
-        kind = _vector(outputs, "kind", n)
-        for code, name in enumerate(KIND_NAMES):
-            sel = kind == code
-            if bool(sel.any()):
-                m[f"frac_reward_zero_std/{name}"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
-                if acc is not None:
-                    a = acc[sel]
-                    m[f"kind/{name}/accuracy"] = float(a.mean())
-                    # local groups answered right every time: a variant that overshoots (too easy) shows here
-                    _, means = per_group_mean(a, prompt_ids[sel])
-                    m[f"kind/{name}/frac_all_correct"] = float((means == 1.0).double().mean())
-    if "advantages" in outputs:
-        adv = _vector(outputs, "advantages", n).double()
+    if out.has("completion_lengths"):
+        m["completions/mean_length"] = float(_vector(out, "completion_lengths", n).double().mean())
+    acc = _vector(out, "accuracy", n).double() if out.has("accuracy") else None
+    if out.has("tier"):
+        m.update(_tier_metrics(_vector(out, "tier", n), rewards, prompt_ids, acc))
+    if out.has("kind"):
+        m.update(_kind_metrics(_vector(out, "kind", n), rewards, prompt_ids, acc))
+    if out.has("advantages"):
+        adv = _vector(out, "advantages", n).double()
         m["advantage/mean"] = float(adv.mean())
         m["advantage/std"] = float(adv.std()) if adv.numel() > 1 else 0.0
         m["advantage/abs_mean"] = float(adv.abs().mean())
         m["frac_zero_advantage"] = float((adv.abs() < 1e-8).double().mean())
-    for phase, seconds in outputs.get("timings", {}).items():
+    for phase, seconds in (out.timings or {}).items():
         m[f"timing/{phase}_s"] = float(seconds)
+    return m
+
+
+def _tier_metrics(tier: Tensor, rewards: Tensor, prompt_ids: Tensor, acc: Tensor | None) -> dict[str, float]:
+    m: dict[str, float] = {}
+    for code, name in enumerate(TIERS):
+        sel = tier == code
+        m[f"tier/{name}/count"] = float(sel.sum())
+        if acc is not None and bool(sel.any()):
+            m[f"tier/{name}/accuracy"] = float(acc[sel].mean())
+        if bool(sel.any()):
+            m[f"tier/{name}/frac_zero_std"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
+    return m
+
+
+def _kind_metrics(kind: Tensor, rewards: Tensor, prompt_ids: Tensor, acc: Tensor | None) -> dict[str, float]:
+    m: dict[str, float] = {}
+    for code, name in enumerate(STEP_KINDS):
+        sel = kind == code
+        if bool(sel.any()):
+            m[f"frac_reward_zero_std/{name}"] = zero_std_fraction(rewards[sel], prompt_ids[sel])
+            if acc is not None:
+                a = acc[sel]
+                m[f"kind/{name}/accuracy"] = float(a.mean())
+                # local groups answered right every time: a variant that overshoots (too easy) shows here
+                _, means = per_group_mean(a, prompt_ids[sel])
+                m[f"kind/{name}/frac_all_correct"] = float((means == 1.0).double().mean())
     return m
 
 
@@ -192,9 +205,10 @@ class AdvantageMonitor(Callback):
         found = batch_outputs(outputs, pl_module, "AdvantageMonitor")
         logged_step = self._steps_before_batch % self.log_every_n_steps == 0
         if found is not None and logged_step:
-            outputs = dict(found)
-            n = int(_vector(outputs, "rewards", None).numel())
-            for k, v in monitor_metrics(outputs).items():
+            if not found.has("rewards"):
+                raise KeyError("AdvantageMonitor: training_step outputs lack required key 'rewards'")
+            n = int(_vector(found, "rewards", None).numel())
+            for k, v in monitor_metrics(found).items():
                 self._sums[k] = self._sums.get(k, 0.0) + v * n
                 self._weights[k] = self._weights.get(k, 0.0) + n
             self._responses += n
@@ -205,11 +219,14 @@ class AdvantageMonitor(Callback):
             self._log(trainer, pl_module, metrics, n)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], n: int) -> None:
+        bar = {k: metrics.pop(k) for k in [self.prefix + "reward"] if k in metrics}  # also on the progress bar
         if trainer.world_size == 1:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
+            pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
             return
         local = {k: v for k, v in metrics.items() if rank_dependent(k[len(self.prefix):])}
         shared = {k: v for k, v in metrics.items() if k not in local}
         pl_module.log_dict(shared, on_step=True, on_epoch=False, sync_dist=True, batch_size=n)
+        pl_module.log_dict(bar, on_step=True, on_epoch=False, sync_dist=True, prog_bar=True, batch_size=n)
         if trainer.global_rank == 0 and local:
             pl_module.log_dict(local, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=n)

@@ -2,8 +2,8 @@
 
 Usable in any Lightning project. The contract:
 
-- **Input.** After each training batch the callback reads, from the dict returned by `training_step` (or, if that
-  returns a tensor, from `pl_module.difficulty_outputs`; a `None` return is a skipped batch: `callbacks/outputs.py`),
+- **Input.** After each training batch the callback reads a `callbacks.outputs.StepOutputs`: the dict returned by
+  `training_step` (or, if that returns a tensor, `pl_module.difficulty_outputs`; a `None` return is a skipped batch),
   with `statistic="accuracy"` (default, the paper)
   either `"difficulty_stats"`: a `core.difficulty.DifficultyStats` (question ids, correct counts, response
   counts), or `"question_ids"` (list[str], one per response) with `"accuracy"` (tensor [N] of 0/1 or fractions),
@@ -16,9 +16,10 @@ Usable in any Lightning project. The contract:
   `warmup_steps`-th optimizer step are warm-up (`warmup_steps * accumulate_grad_batches` batches).
 - **Seeding.** If the data module has `initial_difficulties()` (question id -> starting D, e.g. the records' own
   `difficulty`), those ids start there instead of at `initial`.
-- **Output.** `callback.table` (a `DifficultyTable`). In `setup` the table is attached to
-  `trainer.datamodule.difficulty_table` and `pl_module.difficulty_table` when those attributes exist, so a data
-  pipeline can read the live difficulties.
+- **Output.** `callback.table` (a `DifficultyTable`). In `setup` the table is handed to
+  `trainer.datamodule.use_difficulty(table)` and `pl_module.use_difficulty(table)` when they have that method, so a
+  data pipeline can read the live difficulties (the same object: updates are seen at once). The callback alone
+  checkpoints it.
 - **Distributed.** The (id, correct, count) statistics of every rank are gathered and merged in a fixed order,
   then applied on every rank: all ranks hold identical tables after every update.
 - **Checkpoints.** The table (and pending statistics for epoch cadence) is saved in the callback state.
@@ -30,6 +31,7 @@ Usable in any Lightning project. The contract:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,8 +41,19 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from diva_lightning.callbacks.outputs import batch_outputs
-from diva_lightning.core.difficulty import DIFFICULTY_STATISTICS, RULES, DifficultyStats, DifficultyTable
+from diva_lightning.callbacks.outputs import StepOutputs, batch_outputs
+from diva_lightning.core.choices import (
+    DIFFICULTY_STATISTICS,
+    DIFFICULTY_UPDATES,
+    RULES,
+    TIERS,
+    DifficultyRule,
+    DifficultyStatistic,
+    DifficultyUpdate,
+    check_choice,
+    choice_problems,
+)
+from diva_lightning.core.difficulty import DifficultyStats, DifficultyTable
 from diva_lightning.core.tiers import tier_of
 
 log = logging.getLogger(__name__)
@@ -50,22 +63,24 @@ log = logging.getLogger(__name__)
 _STATISTIC_KEY = {"accuracy": "accuracy", "reward": "rewards"}
 
 
-def stats_from_outputs(outputs: Any, statistic: str = "accuracy") -> DifficultyStats | None:
+def stats_from_outputs(outputs: StepOutputs | Mapping[str, Any] | None,
+                       statistic: DifficultyStatistic = "accuracy") -> DifficultyStats | None:
     """Extract per-question statistics from a step's outputs (see module docstring for the accepted keys).
 
     With `statistic="reward"` the "correct" sums of the returned stats are sums of rewards, so the
     table's alpha is the family's mean reward.
     """
-    if statistic not in DIFFICULTY_STATISTICS:
-        raise ValueError(f"statistic must be one of {list(DIFFICULTY_STATISTICS)}, got {statistic!r}")
-    if not isinstance(outputs, dict):
+    check_choice("statistic", statistic, DIFFICULTY_STATISTICS)
+    if isinstance(outputs, Mapping):
+        outputs = StepOutputs.from_mapping(outputs)
+    if not isinstance(outputs, StepOutputs):
         return None
-    if statistic == "accuracy" and isinstance(outputs.get("difficulty_stats"), DifficultyStats):
-        return outputs["difficulty_stats"]
+    if statistic == "accuracy" and isinstance(outputs.difficulty_stats, DifficultyStats):
+        return outputs.difficulty_stats
     key = _STATISTIC_KEY[statistic]
-    if "question_ids" in outputs and key in outputs:
-        ids = list(outputs["question_ids"])
-        values = torch.as_tensor(outputs[key], dtype=torch.float64).detach().cpu().flatten()
+    if outputs.has("question_ids") and outputs.has(key):
+        ids = list(outputs.question_ids)  # type: ignore[arg-type]
+        values = torch.as_tensor(getattr(outputs, key), dtype=torch.float64).detach().cpu().flatten()
         if len(ids) != values.numel():
             raise ValueError(
                 f"DifficultyCallback: outputs['question_ids'] has {len(ids)} entries but outputs[{key!r}] "
@@ -103,25 +118,20 @@ class DifficultyCallback(Callback):
 
     def __init__(
         self,
-        rule: str = "linear",
+        rule: DifficultyRule = "linear",
         eta: float = 4.0,
         d_min: float = 1.0,
         d_max: float = 9.0,
         initial: float = 5.0,
-        update: str = "step",
+        update: DifficultyUpdate = "step",
         warmup_steps: int = 0,
         d_mid: float = 5.0,
         band: float = 0.5,
         log_histogram: bool = True,
-        statistic: str = "accuracy",
+        statistic: DifficultyStatistic = "accuracy",
     ) -> None:
-        problems = []
-        if rule not in RULES:
-            problems.append(f"rule must be one of {list(RULES)}, got {rule!r}")
-        if statistic not in DIFFICULTY_STATISTICS:
-            problems.append(f"statistic must be one of {list(DIFFICULTY_STATISTICS)}, got {statistic!r}")
-        if update not in ("step", "epoch"):
-            problems.append(f"update must be 'step' or 'epoch', got {update!r}")
+        problems = choice_problems("rule", rule, RULES) + choice_problems("statistic", statistic, DIFFICULTY_STATISTICS)
+        problems += choice_problems("update", update, DIFFICULTY_UPDATES)
         if not d_min <= initial <= d_max:
             problems.append(f"initial {initial} outside [{d_min}, {d_max}]")
         if warmup_steps < 0:
@@ -146,11 +156,10 @@ class DifficultyCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         datamodule = getattr(trainer, "datamodule", None)
-        if callable(getattr(datamodule, "use_difficulty", None)):  # DivaDataModule: the table handed in explicitly
-            datamodule.use_difficulty(self.table)
-        for owner in (datamodule, pl_module):
-            if owner is not None and hasattr(owner, "difficulty_table"):
-                owner.difficulty_table = self.table
+        for owner in (datamodule, pl_module):  # handed explicitly to whoever reads it (the data module plans by it)
+            use = getattr(owner, "use_difficulty", None)
+            if callable(use):
+                use(self.table)
         # A data module that knows its questions' starting difficulties seeds the table (a resumed run's
         # checkpointed table is loaded after setup and replaces these).
         initial = getattr(datamodule, "initial_difficulties", None)
@@ -221,7 +230,7 @@ class DifficultyCallback(Callback):
             "difficulty/num_updates": float(self.num_updates),
         }
         tiers = [tier_of(float(v), d_mid=self.d_mid, band=self.band) for v in values.tolist()]
-        for name in ("easy", "medium", "hard"):
+        for name in TIERS:
             metrics[f"difficulty/frac_{name}"] = tiers.count(name) / len(tiers)
         if self.log_histogram:
             for b, frac in enumerate(self.histogram_fractions(values)):
@@ -257,7 +266,7 @@ class DifficultyCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Mutate in place: the datamodule and module hold references to this very table.
+        # Mutate in place: the owners given it by `use_difficulty` hold references to this very table.
         if "table" in state_dict:
             self.table.load_state_dict(state_dict["table"])
         self.num_updates = int(state_dict.get("num_updates", 0))

@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diva_lightning.core.choices import STEP_KINDS, TIERS
 from diva_lightning.data.perturb import PerturbParams
 
-KIND_CODES = {"original": 0, "paraphrase": 1, "image": 2, "hint": 3}
-TIER_CODES = {"easy": 0, "medium": 1, "hard": 2}
+# The batch's integer codes: the position of the word in `core.choices` (one source, read back by the monitor).
+KIND_CODES = {kind: code for code, kind in enumerate(STEP_KINDS)}
+TIER_CODES = {tier: code for code, tier in enumerate(TIERS)}
 
 
 @dataclass

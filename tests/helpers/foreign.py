@@ -29,7 +29,10 @@ class ForeignModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
-        self.difficulty_table = None  # DifficultyCallback attaches its table here
+        self.difficulty_table = None
+
+    def use_difficulty(self, table: object) -> None:
+        self.difficulty_table = table  # DifficultyCallback hands its table here in setup
 
     def training_step(self, batch: list[str], batch_idx: int) -> dict:
         ids = [q for q in batch for _ in range(2)]

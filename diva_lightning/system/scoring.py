@@ -1,0 +1,186 @@
+"""Scoring a round's responses under a model, and the PPO update's host (`training.ppo.UpdateHooks`).
+
+- `RoundScorer`: log-probs of one round's responses under the policy, the reference or the old policy,
+  micro-batched as the update forms them (padding-free packs or padded rows).
+- `UpdateHost`: the `UpdateHooks` implementation on the LightningModule: scoring with gradient, manual backward, the
+  clipped optimizer step (and the engine's weight sync), the global token denominator, the cross-rank maximum.
+- `run_update`: old and reference log-probs, the rollout-correction weights, then `PPOUpdate.run`; its statistics.
+
+Staying on-policy (issue 11): old log-probs equal the current ones only when the engine samples from the trained
+module itself and the round is a single optimizer step; otherwise they are re-scored before the first update. When
+the engine returns its own sampling log-probs, `rollout_correction` weighs each token by the trainer/engine ratio
+(truncated or masked importance sampling) and logs the mismatch under `rollout_correction/`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import Tensor
+
+from diva_lightning.core.correction import importance_weights
+from diva_lightning.core.loss import truncation_mask
+from diva_lightning.core.seeding import stable_seed
+from diva_lightning.models.logprobs import (
+    StepImages,
+    completion_logprobs,
+    packed_logprobs,
+    sequence_lengths,
+    step_images,
+)
+from diva_lightning.models.lora import is_lora
+from diva_lightning.rollout.base import Rollout
+from diva_lightning.system.stages import TrainingSystem
+from diva_lightning.training import sharding
+from diva_lightning.training.ppo import UpdateBatch
+
+
+def min_over_ranks(system: TrainingSystem, value: int) -> int:
+    """The smallest ``value`` over ranks (the value itself on one process)."""
+    if system.world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=system.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t)
+
+
+class RoundScorer:
+    """Log-probs of one round's responses (``roll``, prompts encoded as ``inputs``) under a model."""
+
+    def __init__(self, system: TrainingSystem, inputs: dict[str, Tensor], roll: Rollout) -> None:
+        self.system, self.inputs, self.roll = system, inputs, roll
+
+    def logprobs(self, model: torch.nn.Module, rows: list[int], *, entropy: bool = False,
+                 images: StepImages | None = None) -> tuple[Tensor, Tensor | None]:
+        """Log-probs [n, T] (and entropy [n, T] or None) of responses ``rows``."""
+        s, roll, device = self.system, self.roll, self.system.device
+        ids = roll.completion_ids.to(device)[rows]
+        mask = roll.completion_mask.to(device)[rows]
+        index = roll.prompt_index.to(device)[rows]
+        temperature = max(s.train_sampling.temperature, 1e-5)
+        if s.policy_cfg.padding_free:  # packed, each distinct image once, a dummy image keeps FSDP ranks in step
+            # flash-attention's varlen kernels attend within each sequence only: everything in one row, no pad
+            one_row = (s.policy_cfg.attn_implementation or "").startswith("flash")
+            return packed_logprobs(model, self.inputs, ids, mask, prompt_index=index, temperature=temperature,
+                                   with_entropy=entropy, sync_vision=s.sharded, images=images,
+                                   pack_width=sys.maxsize if one_row else None)
+        return completion_logprobs(model, self.inputs, ids, mask, prompt_index=index, temperature=temperature,
+                                   with_entropy=entropy)
+
+    def layout(self) -> dict[str, Tensor]:
+        """Each response's real token count and prompt: what a token-budget micro-batch is formed from."""
+        index = self.roll.prompt_index.to(self.system.device)
+        mask = self.roll.completion_mask.to(self.system.device)
+        return {"seq_lens": sequence_lengths(self.inputs, index, mask), "groups": index}
+
+    @torch.no_grad()
+    def all_logprobs(self, model: torch.nn.Module) -> Tensor:
+        """Log-probs [N, T] of every response, without gradient, in the update's micro-batches."""
+        s, roll = self.system, self.roll
+        n = roll.num_responses
+        if s.update.max_tokens is None:
+            step = s.update.micro_batch_size or s.update.mini_batch_size or n
+            parts = [list(range(start, min(start + step, n))) for start in range(0, n, step)]
+        else:
+            layout = UpdateBatch(advantages=torch.zeros(n), mask=roll.completion_mask.bool(), **self.layout())
+            parts = s.update.micro_batches(list(range(n)), layout, UpdateHost(s, self))
+        # no gradient: every distinct image of the step is encoded once for all micro-batches
+        images = step_images(model, self.inputs, sync_vision=s.sharded) if s.policy_cfg.padding_free else None
+        out = torch.zeros(roll.completion_ids.shape, dtype=torch.float32, device=s.device)
+        for rows in parts:
+            out[rows] = self.logprobs(model, rows, images=images)[0]
+        return out
+
+    def reference_logprobs(self) -> Tensor | None:
+        """Under the reference policy (the base model with adapters off under LoRA); None without a KL term."""
+        s = self.system
+        if s.loss_cfg.kl_coef <= 0:
+            return None
+        if s.reference is not None:
+            return self.all_logprobs(s.reference)
+        assert s.policy is not None and is_lora(s.policy)
+        with s.policy.disable_adapter():  # type: ignore[operator]
+            return self.all_logprobs(s.policy)
+
+
+class UpdateHost:
+    """`training.ppo.UpdateHooks` on the LightningModule: scoring, manual backward, the optimizer step."""
+
+    def __init__(self, system: TrainingSystem, scorer: RoundScorer) -> None:
+        self.system, self.scorer = system, scorer
+        self.grad_norms: list[float] = []  # before clipping, one per optimizer step taken or skipped
+
+    def score(self, rows: list[int], *, entropy: bool) -> tuple[Tensor, Tensor | None]:
+        assert self.system.policy is not None
+        with torch.enable_grad():
+            return self.scorer.logprobs(self.system.policy, rows, entropy=entropy)
+
+    def backward(self, loss: Tensor) -> None:
+        self.system.manual_backward(loss)
+
+    def step(self) -> None:
+        """Clip (on the model's gradients: correct for sharded DTensors and float32 masters alike), step, zero,
+        and push the new weights to an engine that keeps its own copy."""
+        s = self.system
+        opt = s.optimizers()
+        max_norm = s.grad_clip if s.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(s.trainable_parameters(), max_norm)
+        norm = norm.full_tensor() if isinstance(norm, sharding.DTensor) else norm
+        taken = bool(torch.isfinite(norm))
+        if not taken:
+            # skip the update, as the authors' dp_actor.py:163 (logged as skipped_steps): without gradients AdamW
+            # leaves every parameter and its state as they are, and the step still counts for global_step
+            opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if taken and not s.engine.samples_from_module:  # a skipped step changed no weight: nothing to push
+            s.engine.sync_weights(s.policy)  # type: ignore[arg-type]
+        self.grad_norms.append(float(norm))
+
+    def token_denominator(self, mask: Tensor) -> float:
+        """Tokens of this mini-batch over all ranks, divided by the world size.
+
+        Data parallelism averages gradients over ranks, so dividing each rank's token sum by (global tokens /
+        world size) makes the averaged gradient the exact global token mean.
+        """
+        local = mask.sum().to(torch.float64)
+        world = self.system.world_size
+        if world > 1:
+            local = self.system.reduce_sum(local)
+        return max(float(local) / world, 1.0)
+
+    def max_over_ranks(self, value: int) -> int:
+        return -min_over_ranks(self.system, -value)
+
+
+def run_update(system: TrainingSystem, inputs: dict[str, Tensor], roll: Rollout, advantages: Tensor
+               ) -> dict[str, float]:
+    """Old and reference log-probs, the correction weights, then the PPO update; returns its statistics."""
+    s = system
+    assert s.policy is not None
+    n = advantages.numel()
+    mask = roll.completion_mask.to(s.device).bool()
+    if s.loss_cfg.mask_truncated_completions and roll.finished is not None:
+        mask = truncation_mask(mask, roll.finished.to(s.device))
+    scorer = RoundScorer(s, inputs, roll)
+    on_policy = s.engine.samples_from_module and s.update.single_step(n)
+    stats: dict[str, float] = {}
+    old_logp = None if on_policy else scorer.all_logprobs(s.policy)
+    is_weights = None
+    if s.correction is not None and roll.old_logp is not None:
+        trainer_logp = old_logp if old_logp is not None else scorer.all_logprobs(s.policy)
+        c = s.correction
+        is_weights, cstats = importance_weights(trainer_logp, roll.old_logp.to(s.device), mask,
+                                                level=c.level, mode=c.mode, cap=c.cap)
+        stats.update(cstats.metrics())
+    batch = UpdateBatch(advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=scorer.reference_logprobs(),
+                        is_weights=is_weights, **scorer.layout())
+    g = torch.Generator().manual_seed(stable_seed("minibatch", s.seed, s.global_step, s.global_rank))
+    host = UpdateHost(s, scorer)
+    stats.update(s.update.run(batch, host, generator=g))
+    finite = [x for x in host.grad_norms if math.isfinite(x)]
+    stats["grad_norm"] = sum(finite) / len(finite) if finite else math.nan  # before clipping, of the steps taken
+    stats["skipped_steps"] = float(len(host.grad_norms) - len(finite))  # non-finite norm: step skipped
+    return stats
