@@ -6,8 +6,10 @@
   clipped optimizer step (and the engine's weight sync), the global token denominator, the cross-rank maximum.
 - `run_update`: old and reference log-probs, the rollout-correction weights, then `PPOUpdate.run`; its statistics.
 
-Staying on-policy (issue 11): old log-probs equal the current ones only when the engine samples from the trained
-module itself and the round is a single optimizer step; otherwise they are re-scored before the first update. When
+Staying on-policy (issue 11, issue 25): in a round of one optimizer step the old log-probs are the update forward's
+own values, detached, whatever the engine (one that keeps its own weights is synced after every optimizer step, so it
+sampled from these weights; how far its numerics differ is the correction's business, below); a round of several
+optimizer steps re-scores them before the first update (logged: `rescored_old_logp`). When
 the engine returns its own sampling log-probs, `rollout_correction` weighs each token by the trainer/engine ratio
 (truncated or masked importance sampling) and logs the mismatch under `rollout_correction/`.
 """
@@ -165,11 +167,19 @@ def run_update(system: TrainingSystem, inputs: dict[str, Tensor], roll: Rollout,
     if s.loss_cfg.mask_truncated_completions and roll.finished is not None:
         mask = truncation_mask(mask, roll.finished.to(s.device))
     scorer = RoundScorer(s, inputs, roll)
-    on_policy = s.engine.samples_from_module and s.update.single_step(n)
+    # A round of one optimizer step meets the weights it was sampled with: the module itself, or an engine with its
+    # own copy (vLLM), which is synced after every optimizer step. The old log-probs are then the update forward's
+    # own values, detached, and a separate pass would compute the same numbers again (issue 25 item 5). The pass
+    # stays where it is needed: several optimizer steps per round, or the rollout correction, whose weights compare
+    # the engine's log-probs with the trainer's before the first micro-batch.
+    on_policy = s.update.single_step(n)
     stats: dict[str, float] = {}
     old_logp = None if on_policy else scorer.all_logprobs(s.policy)
     is_weights = None
-    if s.correction is not None and roll.old_logp is not None:
+    correct = s.correction is not None and roll.old_logp is not None
+    stats["rescored_old_logp"] = float(old_logp is not None or correct)
+    if correct:
+        assert s.correction is not None and roll.old_logp is not None
         trainer_logp = old_logp if old_logp is not None else scorer.all_logprobs(s.policy)
         c = s.correction
         is_weights, cstats = importance_weights(trainer_logp, roll.old_logp.to(s.device), mask,
