@@ -231,3 +231,22 @@ def test_a_checkpoint_recording_a_renamed_word_resumes_under_the_new_one() -> No
     check_resume_settings(checkpoint, {key: "raise", "seed_everything": 0}, "old.ckpt")
     with pytest.raises(ChangedSettingsError, match=f"{key}: checkpoint 'raise', now 'skip'"):
         check_resume_settings(checkpoint, {key: "skip", "seed_everything": 0}, "old.ckpt")
+
+
+def test_a_checkpoint_recording_a_moved_class_resumes_under_its_new_path() -> None:
+    """Issue 24 moved the module, the data module and the estimators: a checkpoint written before records their old
+    class paths, which name the same classes; a different class is still a difference."""
+    from diva_lightning.system.checkpointing import RUN_SETTINGS_KEY, ChangedSettingsError, check_resume_settings
+
+    old = {"model.class_path": "diva_lightning.module.DivaGRPOModule",
+           "data.class_path": "diva_lightning.data.datamodule.DivaDataModule",
+           "model.init_args.advantage.class_path": "diva_lightning.algorithms.DivaAdvantage", "seed_everything": 0}
+    now = {"model.class_path": "diva_lightning.system.module.DivaGRPOModule",
+           "data.class_path": "diva_lightning.system.datamodule.DivaDataModule",
+           "model.init_args.advantage.class_path": "diva_lightning.training.estimators.DivaAdvantage",
+           "seed_everything": 0}
+    check_resume_settings({RUN_SETTINGS_KEY: old}, now, "old.ckpt")
+    grpo = {**now, "model.init_args.advantage.class_path": "diva_lightning.training.estimators.GRPOAdvantage"}
+    with pytest.raises(ChangedSettingsError, match="advantage.class_path: checkpoint "
+                                                   "'diva_lightning.training.estimators.DivaAdvantage'"):
+        check_resume_settings({RUN_SETTINGS_KEY: old}, grpo, "old.ckpt")

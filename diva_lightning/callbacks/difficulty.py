@@ -53,7 +53,7 @@ from diva_lightning.core.choices import (
     check_choice,
     choice_problems,
 )
-from diva_lightning.core.difficulty import DifficultyStats, DifficultyTable
+from diva_lightning.core.difficulty import DEFAULT_DIFFICULTY, DifficultyStats, DifficultyTable
 from diva_lightning.core.tiers import tier_of
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,10 @@ class DifficultyCallback(Callback):
         eta: float = 4.0,
         d_min: float = 1.0,
         d_max: float = 9.0,
-        initial: float = 5.0,
+        initial: float = DEFAULT_DIFFICULTY,
         update: DifficultyUpdate = "step",
         warmup_steps: int = 0,
-        d_mid: float = 5.0,
+        d_mid: float = DEFAULT_DIFFICULTY,
         band: float = 0.5,
         log_histogram: bool = True,
         statistic: DifficultyStatistic = "accuracy",

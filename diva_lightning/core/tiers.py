@@ -55,6 +55,7 @@ from diva_lightning.core.choices import IMAGE_OPS as IMAGE_OPS
 from diva_lightning.core.choices import PLANS as PLANS
 from diva_lightning.core.choices import TIERS as TIERS
 from diva_lightning.core.choices import Plan, Tier, check_choice
+from diva_lightning.core.difficulty import DEFAULT_DIFFICULTY
 from diva_lightning.core.released_plan import plan_released
 from diva_lightning.core.variants import OFFICIAL_TARGET_MEAN, OFFICIAL_V1_TARGET
 from diva_lightning.core.variants import VariantSpec as VariantSpec
@@ -65,7 +66,7 @@ _ROT_LOW, _ROT_MEDIUM = 0.25, 0.45
 _TWO_OPS_FROM = 0.45
 
 
-def tier_of(d: float, *, d_mid: float = 5.0, band: float = 0.5) -> Tier:
+def tier_of(d: float, *, d_mid: float = DEFAULT_DIFFICULTY, band: float = 0.5) -> Tier:
     """Tier of one difficulty: "easy" (d < d_mid - band), "hard" (d > d_mid + band), else "medium"."""
     if math.isnan(d):
         raise ValueError("difficulty is NaN")
@@ -76,7 +77,7 @@ def tier_of(d: float, *, d_mid: float = 5.0, band: float = 0.5) -> Tier:
     return "medium"
 
 
-def tier_codes(d: Tensor, *, d_mid: float = 5.0, band: float = 0.5) -> Tensor:
+def tier_codes(d: Tensor, *, d_mid: float = DEFAULT_DIFFICULTY, band: float = 0.5) -> Tensor:
     """Vectorised :func:`tier_of`: Tensor[N] float -> Tensor[N] int64 codes into ``TIERS``.
 
     0 = easy, 1 = medium, 2 = hard (so ``TIERS[code]`` is the name).
@@ -89,7 +90,7 @@ def tier_codes(d: Tensor, *, d_mid: float = 5.0, band: float = 0.5) -> Tensor:
     return codes
 
 
-def tiers_of(d: Tensor, *, d_mid: float = 5.0, band: float = 0.5) -> list[Tier]:
+def tiers_of(d: Tensor, *, d_mid: float = DEFAULT_DIFFICULTY, band: float = 0.5) -> list[Tier]:
     """Vectorised :func:`tier_of` returning names: Tensor[N] -> list of N tier names."""
     names: tuple[Tier, ...] = ("easy", "medium", "hard")
     return [names[c] for c in tier_codes(d, d_mid=d_mid, band=band).tolist()]
@@ -139,7 +140,7 @@ class _Paraphrases:
         return self.queue.pop(0)
 
 
-def hint_steps_for(d: float, *, d_mid: float = 5.0, max_hint_steps: int = 3) -> int:
+def hint_steps_for(d: float, *, d_mid: float = DEFAULT_DIFFICULTY, max_hint_steps: int = 3) -> int:
     """Official hint length by difficulty: 1 for D in [6, 8), 2 for [8, 9), 3 for >= 9 (capped)."""
     return max(1, min(max_hint_steps, math.floor(d - d_mid - 1.0)))
 
@@ -240,7 +241,7 @@ def plan_variants(
     *,
     generator: torch.Generator,
     plan: Plan = "tiers",
-    d_mid: float = 5.0,
+    d_mid: float = DEFAULT_DIFFICULTY,
     band: float = 0.5,
     d_min: float = 1.0,
     d_max: float = 9.0,

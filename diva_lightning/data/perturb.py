@@ -148,22 +148,22 @@ class PerturbParams:
 
     def is_identity(self) -> Tensor:
         """bool [B]: True where every op is off (such samples pass through bit-exactly)."""
-        return ~(self._rotate_mask() | self._downup_mask() | self._blur_mask() | self._noise_mask()
-                 | self._salt_pepper_mask())
+        return ~(self.rotate_mask() | self.downup_mask() | self.blur_mask() | self.noise_mask()
+                 | self.salt_pepper_mask())
 
-    def _rotate_mask(self) -> Tensor:
+    def rotate_mask(self) -> Tensor:
         return torch.remainder(self.rotation_deg, 360.0) != 0
 
-    def _downup_mask(self) -> Tensor:
+    def downup_mask(self) -> Tensor:
         return self.downup_factor < 1.0
 
-    def _blur_mask(self) -> Tensor:
+    def blur_mask(self) -> Tensor:
         return self.blur_kernel > 1
 
-    def _noise_mask(self) -> Tensor:
+    def noise_mask(self) -> Tensor:
         return self.noise_sigma > 0
 
-    def _salt_pepper_mask(self) -> Tensor:
+    def salt_pepper_mask(self) -> Tensor:
         return self.salt_pepper > 0
 
 
@@ -284,18 +284,18 @@ def perturb_images(
     _, c, h, w = images.shape
     out = images.clone()
 
-    _apply(out, p._rotate_mask(), lambda x, r: _rotate(x, p.rotation_deg[r], fit_rotation))
+    _apply(out, p.rotate_mask(), lambda x, r: _rotate(x, p.rotation_deg[r], fit_rotation))
     factors = p.downup_factor
-    for f in torch.unique(factors[p._downup_mask()]).tolist():
+    for f in torch.unique(factors[p.downup_mask()]).tolist():
         if f <= 0:
             raise ValueError(f"downup_factor must lie in (0, 1], got {f}")
         _apply(out, factors == f, lambda x, r, f=f: _downup(x, f))
     max_kernel = 2 * min(h, w) - 1  # reflect padding needs kernel // 2 < size
-    for k in torch.unique(p.blur_kernel[p._blur_mask()]).tolist():
+    for k in torch.unique(p.blur_kernel[p.blur_mask()]).tolist():
         if k % 2 == 0 or k > max_kernel:
             raise ValueError(f"blur_kernel must be odd and <= {max_kernel} for {h}x{w} images, got {k}")
         _apply(out, p.blur_kernel == k, lambda x, r, k=k: _blur(x, int(k)))
-    _apply(out, p._noise_mask(), lambda x, r: (
+    _apply(out, p.noise_mask(), lambda x, r: (
         x + p.noise_sigma[r].to(x.dtype)[:, None, None, None] * _gaussian(keys[r], (c, h, w)).to(x.dtype)
     ).clamp(0.0, 1.0))
 
@@ -305,7 +305,7 @@ def perturb_images(
         x = torch.where(u < prob / 2, torch.zeros_like(x), x)
         return torch.where((u >= prob / 2) & (u < prob), torch.ones_like(x), x)
 
-    _apply(out, p._salt_pepper_mask(), salt_pepper)
+    _apply(out, p.salt_pepper_mask(), salt_pepper)
     return out
 
 

@@ -268,12 +268,31 @@ def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
     return sorted(lines)
 
 
+# Where a component's class lived before the house was rearranged (issue 24): a checkpoint records the old class
+# path, which names the same class today.
+FORMER_MODULES = {
+    "diva_lightning.module.": "diva_lightning.system.module.",
+    "diva_lightning.data.datamodule.": "diva_lightning.system.datamodule.",
+    "diva_lightning.algorithms.": "diva_lightning.training.estimators.",
+    "diva_lightning.checkpointing.": "diva_lightning.system.checkpointing.",
+    "diva_lightning.warmup.": "diva_lightning.system.warmup.",
+    "diva_lightning.benchmarks.": "diva_lightning.evaluation.",
+}
+
+
 def current_words(recorded: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's record with the words an option has since renamed read as today's (``prompt_overflow:
-    error`` is ``raise`` now, `training.config.FORMER_WORDS`): the same setting, so not a difference."""
+    error`` is ``raise`` now, `training.config.FORMER_WORDS`) and the class paths of moved components read at their
+    new place (`FORMER_MODULES`): the same setting, so not a difference."""
     def now(key: str, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if key == "class_path" or key.endswith(".class_path"):
+            for old, new in FORMER_MODULES.items():
+                if value.startswith(old):
+                    return new + value[len(old):]
         words = FORMER_WORDS.get(key.rsplit(".", 1)[-1], {})
-        return words.get(value, value) if isinstance(value, str) else value
+        return words.get(value, value)
 
     return {key: now(key, value) for key, value in recorded.items()}
 

@@ -163,7 +163,8 @@ class DivaGRPOModule(EvaluationHooks):
         if hasattr(datamodule, "enforce_prompt_budget"):
             budget = max(self.train_sampling.max_new_tokens, self.val_sampling.max_new_tokens)
             setup_.enforce_prompt_budget(datamodule, self.policy_path, self.policy_cfg, self.prompt, budget)
-        if self.sampler is not None and stage == "fit":
+        if self.sampler is not None and stage == "fit" and self.sampler.config.max_draws > 1:
+            # refused here, before training, rather than at the first extra draw
             self.sampler.bind(side_stream_of(datamodule))
 
     @override
