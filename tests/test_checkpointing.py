@@ -236,15 +236,23 @@ def test_a_checkpoint_recording_a_renamed_word_resumes_under_the_new_one() -> No
 def test_a_checkpoint_recording_a_moved_class_resumes_under_its_new_path() -> None:
     """Issue 24 moved the module, the data module and the estimators: a checkpoint written before records their old
     class paths, which name the same classes; a different class is still a difference."""
-    from diva_lightning.system.checkpointing import RUN_SETTINGS_KEY, ChangedSettingsError, check_resume_settings
+    from diva_lightning.system.checkpointing import (
+        FORMER_MODULES,
+        RUN_SETTINGS_KEY,
+        ChangedSettingsError,
+        check_resume_settings,
+    )
 
-    old = {"model.class_path": "diva_lightning.module.DivaGRPOModule",
-           "data.class_path": "diva_lightning.data.datamodule.DivaDataModule",
-           "model.init_args.advantage.class_path": "diva_lightning.algorithms.DivaAdvantage", "seed_everything": 0}
+    def former(path: str) -> str:  # the old paths are built, not written: they name no class today
+        old_prefix, new_prefix = next((o, n) for o, n in FORMER_MODULES.items() if path.startswith(n))
+        return old_prefix + path[len(new_prefix):]
+
     now = {"model.class_path": "diva_lightning.system.module.DivaGRPOModule",
            "data.class_path": "diva_lightning.system.datamodule.DivaDataModule",
            "model.init_args.advantage.class_path": "diva_lightning.training.estimators.DivaAdvantage",
            "seed_everything": 0}
+    old = {k: former(v) if k.endswith("class_path") else v for k, v in now.items()}
+    assert old["model.class_path"] == "diva_lightning." + "module.DivaGRPOModule"
     check_resume_settings({RUN_SETTINGS_KEY: old}, now, "old.ckpt")
     grpo = {**now, "model.init_args.advantage.class_path": "diva_lightning.training.estimators.GRPOAdvantage"}
     with pytest.raises(ChangedSettingsError, match="advantage.class_path: checkpoint "
