@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from math_verify import parse
 from sympy import Basic
@@ -162,8 +162,9 @@ def inline_options(text: str) -> dict[str, str]:
     return found if len(letters) >= 2 and letters == expected else {}
 
 
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance (insertions, deletions, substitutions), as MathVista's scorer uses it."""
+def levenshtein(a: Sequence[str], b: Sequence[str]) -> int:
+    """Edit distance (insertions, deletions, substitutions, cost 1 each) between two strings, as MathVista's scorer
+    uses it, or two token sequences (the teacher's paraphrase checks)."""
     if len(a) < len(b):
         a, b = b, a
     previous = list(range(len(b) + 1))

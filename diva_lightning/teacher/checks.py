@@ -41,6 +41,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from diva_lightning.evaluation.answers import levenshtein
 from diva_lightning.rewards import accuracy_reward, choice_letter, last_boxed
 
 IMAGE_TAG = "<image>"
@@ -60,13 +61,7 @@ def words(text: str) -> list[str]:
 
 def edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
     """Levenshtein distance between two token sequences (insert, delete, substitute: cost 1 each)."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, start=1):
-        cur = [i]
-        for j, y in enumerate(b, start=1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
+    return levenshtein(a, b)
 
 
 def similarity(a: str, b: str) -> float:
