@@ -1,6 +1,6 @@
 """What the update computes, before and after padding-free scoring (issue 25 items 2, 3, 5, 6).
 
-    python benchmarks/update_cost.py [--repeats 3] [--budget 8192] [--out benchmarks/results/update_cost.md]
+    python benchmarks/update_cost.py [--repeats 3] [--budget 8192] [--threads 1] [--out FILE.md]
 
 One process, the embedded policy (``policy: embedded``), two length distributions of one step's responses:
 
@@ -12,9 +12,11 @@ One process, the embedded policy (``policy: embedded``), two length distribution
 For each, side by side in one run, **before** (the padded path: ``completion_logprobs``, prompts left-padded,
 completions padded to the rollout's longest, micro-batches of ``micro_batch_size`` = 40 responses, each response's
 image repeated) and **after** (``packed_logprobs``: real tokens only, packed per micro-batch of at most ``--budget``
-tokens, each distinct image encoded once per forward; no-grad passes share the step's image features), in two
-layouts: rows of the longest sequence (the default under sdpa/eager) and one row per forward (the default under
-flash-attention; on CPU sdpa computes attention across the whole row):
+tokens, each distinct image encoded once per forward; no-grad passes share the step's image features), in three
+layouts: rows of the longest sequence under sdpa (the layout under sdpa/eager); one row per forward under sdpa
+(which computes attention across the whole row: a dense block-causal mask); one row per forward under
+``sdpa_varlen`` (the default: attention within each sequence, ``models.attention``, as flash-attention's varlen
+kernels on a GPU):
 
 - scored positions / real tokens: positions the decoder computed (a hook on the language model's input) over the
   real tokens (prompt without padding + completion through EOS) of the step;
@@ -41,6 +43,7 @@ from torch import Tensor
 
 from diva_lightning.data.schema import decode_image
 from diva_lightning.data.world import generate_world
+from diva_lightning.models.attention import VARLEN
 from diva_lightning.models.embedded import EMBEDDED
 from diva_lightning.models.logprobs import (
     completion_logprobs,
@@ -59,9 +62,15 @@ from diva_lightning.training.ppo import PPOUpdate, UpdateBatch
 ROOT = Path(__file__).resolve().parent.parent
 G = 5
 MICRO = 40  # experiments/full.yaml's micro_batch_size
-# (label, packed, pack_width): the padded path; packed rows of the longest sequence (the default under sdpa/eager);
-# one packed row per forward (the default under flash-attention, whose varlen kernels attend within sequences only)
-VARIANTS = (("before", False, None), ("after", True, None), ("after, one row", True, 1 << 30))
+# (label, packed, pack_width, attention, share_prompt): the padded path; packed rows of the longest sequence (the
+# layout under sdpa/eager); one packed row per forward under sdpa (a dense mask across the row); one packed row per
+# forward under sdpa_varlen (attention within each sequence, as flash-attention's varlen kernels do on a GPU); and
+# the default: sdpa_varlen with each prompt computed once for its responses (share_prompt)
+VARIANTS = (("before", False, None, "sdpa", False), ("after, rows, sdpa", True, None, "sdpa", False),
+            ("after, one row, sdpa", True, 1 << 30, "sdpa", False),
+            ("after, one row, sdpa_varlen", True, 1 << 30, VARLEN, False),
+            ("after, shared prompt, sdpa_varlen", True, 1 << 30, VARLEN, True))
+DEFAULT = "after, shared prompt, sdpa_varlen"
 
 
 class Counter:
@@ -115,9 +124,9 @@ def _long_tail(bundle: PolicyBundle, inputs: dict[str, Tensor], *, budget: int =
 
 class Hooks:
     def __init__(self, model: torch.nn.Module, inputs: dict[str, Tensor], roll: Rollout, packed: bool,
-                 pack_width: int | None = None) -> None:
+                 pack_width: int | None = None, share_prompt: bool = False) -> None:
         self.model, self.inputs, self.roll, self.packed = model, inputs, roll, packed
-        self.kw = {"pack_width": pack_width} if packed else {}
+        self.kw = {"pack_width": pack_width, "share_prompt": share_prompt} if packed else {}
         self.grads: dict[str, Tensor] = {}
         self.forwards = 0
 
@@ -143,7 +152,7 @@ class Hooks:
 
 
 def _rescore(model: torch.nn.Module, inputs: dict[str, Tensor], roll: Rollout, packed: bool, budget: int,
-             pack_width: int | None = None) -> Tensor:
+             pack_width: int | None = None, share_prompt: bool = False) -> Tensor:
     """The no-grad pass that re-scores old log-probs (an engine with its own weights), micro-batched as the module."""
     n = roll.num_responses
     out = torch.zeros(roll.completion_ids.shape)
@@ -160,7 +169,8 @@ def _rescore(model: torch.nn.Module, inputs: dict[str, Tensor], roll: Rollout, p
         images = step_images(model, inputs)
         for rows in parts:
             out[rows] = packed_logprobs(model, inputs, roll.completion_ids[rows], roll.completion_mask[rows],
-                                        prompt_index=roll.prompt_index[rows], images=images, pack_width=pack_width)[0]
+                                        prompt_index=roll.prompt_index[rows], images=images, pack_width=pack_width,
+                                        share_prompt=share_prompt)[0]
     return out
 
 
@@ -184,14 +194,15 @@ def measure(name: str, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: Ro
                            "max_completion": int(roll.completion_mask.sum(1).max())}
     results: dict[str, dict[str, Any]] = {}
     runs = {}
-    for label, packed, width in VARIANTS:  # one step each: the counts, and a warm-up
+    for label, packed, width, attention, share in VARIANTS:  # one step each: the counts, and a warm-up
+        model.set_attn_implementation(attention)
         update = PPOUpdate(LossConfig(), micro_batch_size=None if packed else MICRO,
                            max_tokens_per_micro_batch=budget if packed else None, max_len=roll.completion_ids.shape[1])
-        hooks = Hooks(model, inputs, roll, packed, width)
+        hooks = Hooks(model, inputs, roll, packed, width, share)
         counter.take()
         stats = update.run(_batch(inputs, roll), hooks, generator=torch.Generator())
         positions, rows = counter.take()
-        rescored = _rescore(model, inputs, roll, packed, budget, width)
+        rescored = _rescore(model, inputs, roll, packed, budget, width, share)
         _, rescore_rows = counter.take()
         results[label] = {"stats": stats, "grads": hooks.grads, "rescored": rescored}
         out[label] = {"positions_per_real_token": positions / real, "update_patch_rows_per_distinct": rows / distinct,
@@ -199,21 +210,23 @@ def measure(name: str, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: Ro
                       "update_times": [], "rescore_times": []}
         if generation is not None:
             out[label]["generation_patch_rows_per_distinct"] = generation["after" if packed else "before"] / distinct
-        runs[label] = (update, hooks, packed, width)
+        runs[label] = (update, hooks, packed, width, attention, share)
     for _ in range(repeats):  # timed rounds interleave the paths, so load drift on a shared machine hits all alike
-        for label, (update, hooks, packed, width) in runs.items():
+        for label, (update, hooks, packed, width, attention, share) in runs.items():
+            model.set_attn_implementation(attention)
             t = time.perf_counter()
             update.run(_batch(inputs, roll), hooks, generator=torch.Generator())
             out[label]["update_times"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            _rescore(model, inputs, roll, packed, budget, width)
+            _rescore(model, inputs, roll, packed, budget, width, share)
             out[label]["rescore_times"].append(time.perf_counter() - t)
     for label in runs:
         out[label]["update_s"] = statistics.median(out[label]["update_times"])
         out[label]["rescore_s"] = statistics.median(out[label]["rescore_times"])
     counter.close()
+    model.set_attn_implementation("sdpa")
     b = results["before"]
-    after = [results[label] for label, packed, _ in VARIANTS if packed]
+    after = [results[label] for label, packed, *_ in VARIANTS if packed]
     out["max_stat_diff"] = max(abs(b["stats"][k] - a["stats"][k]) for a in after for k in b["stats"])
     out["max_grad_diff"] = max(float((b["grads"][k] - a["grads"][k]).abs().max()) for a in after for k in b["grads"])
     out["max_rescore_diff"] = max(float((b["rescored"] - a["rescored"]).abs().max()) for a in after)
@@ -241,7 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=int, default=8192, help="max_tokens_per_micro_batch of the after path")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "update_cost.md"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a machine shared with other work, OpenMP threads that wait "
+                             "for a descheduled peer made 2-thread timings up to 10x slower and noisy)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bundle = load_policy(EMBEDDED)
     inputs = _prompts(bundle)
@@ -260,14 +277,15 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> No
     lines = [
         f"# update_cost ({time.strftime('%Y-%m-%d')}, {cpu}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}; before = padded, micro_batch_size {MICRO}; after = packed, "
-        f"max_tokens_per_micro_batch {args.budget}, rows of the longest sequence or one row; sdpa; medians of "
+        f"max_tokens_per_micro_batch {args.budget}, rows of the longest sequence or one row, under sdpa or "
+        f"sdpa_varlen; medians of "
         f"{args.repeats})", "",
         "| distribution | responses | mean / max completion | real tokens | path | scored positions / real tokens "
         "| patch rows / distinct: generation, update, re-score | forwards | update s | re-score s |",
         "|---|---:|---|---:|---|---:|---|---:|---:|---:|",
     ]
     for r in rows:
-        for label, _, _ in VARIANTS:
+        for label, *_ in VARIANTS:
             m = r[label]
             gen = m.get("generation_patch_rows_per_distinct")
             lines.append(
@@ -278,12 +296,13 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> No
                 f"{m['rescore_s']:.2f} |")
     lines.append("")
     for r in rows:
-        b, a, one = r["before"], r["after"], r["after, one row"]
-        lines.append(f"- {r['name']}: update {b['update_s'] / a['update_s']:.2f}x as fast after "
-                     f"({b['update_s'] / one['update_s']:.2f}x with one row), re-score "
-                     f"{b['rescore_s'] / a['rescore_s']:.2f}x ({b['rescore_s'] / one['rescore_s']:.2f}x); the "
-                     f"re-score costs {a['rescore_s'] / a['update_s']:.0%} of the update after; largest difference to "
-                     f"the padded path: loss statistics {r['max_stat_diff']:.1e}, gradients {r['max_grad_diff']:.1e}, "
+        b, d = r["before"], r[DEFAULT]
+        others = ", ".join(f"{label}: {b['update_s'] / r[label]['update_s']:.2f}x"
+                           for label, packed, *_ in VARIANTS if packed and label != DEFAULT)
+        lines.append(f"- {r['name']}: the default ({DEFAULT}) updates {b['update_s'] / d['update_s']:.2f}x as fast "
+                     f"as before ({others}) and re-scores {b['rescore_s'] / d['rescore_s']:.2f}x as fast; the re-score "
+                     f"costs {d['rescore_s'] / d['update_s']:.0%} of the default's update; largest difference to the "
+                     f"padded path: loss statistics {r['max_stat_diff']:.1e}, gradients {r['max_grad_diff']:.1e}, "
                      f"re-scored log-probs {r['max_rescore_diff']:.1e}")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -51,7 +51,7 @@ AugmentTask = Literal["variants", "think_steps"]
 SamplingUnit = Literal["prompt", "family"]
 FilterMetric = Literal["reward", "accuracy"]
 WeightsDtype = Literal["float32", "bfloat16"]
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"]
+AttnImplementation = Literal["sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flash_attention_3"]
 EngineDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 

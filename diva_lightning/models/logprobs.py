@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from diva_lightning.models.attention import varlen_calls
 from diva_lightning.models.vision import dummy_image, num_image_tokens
 
 _ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
@@ -440,6 +441,7 @@ def packed_logprobs(
     pack_width: int | None = None,
     sync_vision: bool = False,
     images: StepImages | None = None,
+    share_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`completion_logprobs` of the responses in one forward, without a padded position.
 
@@ -461,11 +463,16 @@ def packed_logprobs(
         sync_vision: run the vision tower on a dummy image (contributing zero) when this call has no image, so that
             every rank of a sharded model runs the same units in the same order (FSDP2 collectives).
         images: the step's vision features (:class:`StepImages`, no-grad passes), or None to encode here.
+        share_prompt: compute each prompt once for all its responses in the call (``[prompt + completion 1]
+            [completion 2] ...``, ``models.attention``): needs the model loaded with ``attn_implementation=
+            "sdpa_varlen"`` (checked: a forward that did not go through it raises) and ``pack``.
     Returns:
         logp [N, T] float32 and entropy [N, T] or None, 0 where ``completion_mask`` is 0 (as completion_logprobs).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if share_prompt and not pack:
+        raise ValueError("share_prompt needs pack=True (a prompt and its completions share one row)")
     n, t = completion_ids.shape
     device = completion_ids.device
     lengths = completion_mask.sum(dim=1).long()
@@ -498,48 +505,49 @@ def packed_logprobs(
     elif sync_vision:
         anchor = encode_images(model, None, None, dummy=True)[0]
 
-    # sequences, positions, the positions that predict completion tokens
+    # units packed whole into rows: a response (prompt + completion), or with `share_prompt` a prompt and all its
+    # completions (models.attention reads each completion's text positions, starting at the prompt's length, as
+    # "attend to the prompt first"); with each unit, the offsets in it of the positions predicting each response
     prompt_ids = {p: _prompt_tokens(prompt_inputs, p) for p in distinct}
     prompt_pos = {}
     for p in distinct:
         g = None if grid is None or n_img[p] == 0 else grid[img_start[p] : img_start[p] + int(n_img[p])]
         prompt_pos[p] = _prompt_positions(inner, prompt_ids[p], g, image_token_id).to(device)
-    seqs, pos3 = [], []
+    members: dict[int, list[int]] = {}
     for i, p in enumerate(rows):
-        ids, k = prompt_ids[p].to(device), int(lengths[i])
-        seqs.append(torch.cat([ids, completion_ids[i, :k]]))
-        start = prompt_pos[p].max() + 1 if prompt_pos[p].numel() else torch.tensor(0, device=device)
-        pos3.append(torch.cat([prompt_pos[p], (start + torch.arange(k, device=device)).expand(3, -1)], dim=1))
-    sizes = [int(seq.shape[0]) for seq in seqs]
+        members.setdefault(p, []).append(i)
+    units = [_unit(p, group, prompt_ids[p].to(device), prompt_pos[p], completion_ids, lengths)
+             for p, group in members.items()] if share_prompt else \
+        [_unit(p, [i], prompt_ids[p].to(device), prompt_pos[p], completion_ids, lengths) for i, p in enumerate(rows)]
+    sizes = [int(u.ids.shape[0]) for u in units]
     width = max(max(sizes), pack_width or 0) if pack else max(sizes)
-    # rows of the forward: packed, each row holds whole sequences up to `width` tokens (first fit, longest first;
-    # by default the longest sequence's length, so that attention, quadratic in a row's length under sdpa's dense
-    # mask, stays that of the longest sequence); unpacked, one sequence per row, right-padded
-    bins = _first_fit(sizes, width) if pack else [[i] for i in range(n)]
-    width = max(sum(sizes[i] for i in members) for members in bins)  # no row is longer than its sequences
+    # rows of the forward: packed, each row holds whole units up to `width` tokens (first fit, longest first;
+    # by default the longest unit's length, so that attention, quadratic in a row's length under sdpa's dense
+    # mask, stays that of the longest unit); unpacked, one unit per row, right-padded
+    bins = _first_fit(sizes, width) if pack else [[u] for u in range(len(units))]
+    width = max(sum(sizes[u] for u in group) for group in bins)  # no row is longer than its units
     ids = torch.full((len(bins), width), int(getattr(cfg, "pad_token_id", None) or 0), dtype=torch.long,
                      device=device)
     pos = torch.zeros((4, len(bins), width), dtype=torch.long, device=device)
     att = torch.zeros((len(bins), width), dtype=torch.long, device=device)
-    where = [0] * n  # flat position of each sequence's first token
+    keep: list[torch.Tensor | None] = [None] * n  # flat positions predicting each response's tokens
     row_images, row_grids = [], []
-    for b, members in enumerate(bins):
+    for b, group in enumerate(bins):
         used = 0
-        for i in members:
-            size = sizes[i]
-            ids[b, used : used + size], pos[1:, b, used : used + size] = seqs[i], pos3[i]
-            pos[0, b, used : used + size] = torch.arange(size, device=device)
+        for u in group:
+            unit, size = units[u], sizes[u]
+            ids[b, used : used + size], pos[:, b, used : used + size] = unit.ids, unit.positions
             att[b, used : used + size] = 1
-            where[i] = b * width + used
+            for i, offsets in unit.scored:
+                keep[i] = b * width + used + offsets
             used += size
-            p = rows[i]
+            p = unit.prompt
             for j in range(img_start[p], img_start[p] + int(n_img[p])):  # image features in the forward's order
                 row_images.append(feats[j])
                 row_grids.append(grid[j])  # type: ignore[index]
         # the tail is a segment of its own (positions restart at 0): it attends to nothing real and is never scored
         pos[0, b, used:] = torch.arange(width - used, device=device)
-    flat_keep = torch.cat([where[i] + sizes[i] - int(lengths[i]) - 1 + torch.arange(int(lengths[i]), device=device)
-                           for i in range(n)])
+    flat_keep = torch.cat([k for k in keep if k is not None])
     targets = completion_ids[mask]  # [K] in row-major order: row 0's tokens first, as flat_keep
 
     inputs: dict[str, object] = {"input_ids": ids}
@@ -571,10 +579,14 @@ def packed_logprobs(
 
     handle = lm_head.register_forward_pre_hook(score_hidden)
     try:
-        # packed: keep only the scored positions before the output layer; padded: all (gathered in the hook)
-        model(**inputs, use_cache=False, logits_to_keep=0)
+        with varlen_calls() as served:
+            # packed: keep only the scored positions before the output layer; padded: all (gathered in the hook)
+            model(**inputs, use_cache=False, logits_to_keep=0)
     finally:
         handle.remove()
+    if share_prompt and not served:
+        raise ValueError("share_prompt needs the policy loaded with attn_implementation='sdpa_varlen': under "
+                         "another attention implementation the completions would not see their prompt")
     if len(scores) != 1:
         raise RuntimeError(f"expected the output layer to run once per forward, it ran {len(scores)} times")
     logp_flat, ent_flat = scores[0]
@@ -583,6 +595,39 @@ def packed_logprobs(
     if ent_flat is not None:
         ent = torch.zeros((n, t), dtype=ent_flat.dtype, device=device).masked_scatter(mask, ent_flat)
     return logp, ent
+
+
+@dataclass
+class _Unit:
+    """Tokens placed whole in one packed row: a prompt and one or more of its completions."""
+
+    prompt: int
+    ids: torch.Tensor  # [S]
+    positions: torch.Tensor  # [4, S]: text positions, then the three M-RoPE axes
+    scored: list[tuple[int, torch.Tensor]]  # (response, offsets in the unit of the positions predicting its tokens)
+
+
+def _unit(p: int, responses: list[int], prompt_ids: torch.Tensor, prompt_pos: torch.Tensor,
+          completion_ids: torch.Tensor, lengths: torch.Tensor) -> _Unit:
+    """Prompt ``p`` followed by the completions of ``responses``. Each completion's text positions start at the
+    prompt's length P (after the first, whose positions follow on, they mark a continuation: ``models.attention``)
+    and its M-RoPE positions after the prompt's; its first token is predicted by the prompt's last position."""
+    device = prompt_ids.device
+    plen = int(prompt_ids.shape[0])
+    start = prompt_pos.max() + 1 if prompt_pos.numel() else torch.tensor(0, device=device)
+    ids, text, rope = [prompt_ids], [torch.arange(plen, device=device)], [prompt_pos]
+    scored = []
+    used = plen
+    for i in responses:
+        k = int(lengths[i])
+        ar = torch.arange(k, device=device)
+        ids.append(completion_ids[i, :k])
+        text.append(plen + ar)
+        rope.append((start + ar).expand(3, -1))
+        scored.append((i, torch.cat([torch.tensor([plen - 1], device=device), used + ar[:-1]])[:k]))
+        used += k
+    return _Unit(prompt=p, ids=torch.cat(ids), positions=torch.cat([torch.cat(text)[None], torch.cat(rope, dim=1)]),
+                 scored=scored)
 
 
 def _first_fit(sizes: list[int], width: int) -> list[list[int]]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel
 
+from diva_lightning.models.attention import register as register_attention
 from diva_lightning.models.embedded import resolve_embedded
 from diva_lightning.models.prompt import PromptConfig
 from diva_lightning.models.tiny import QWEN_CHAT_TEMPLATE
@@ -267,7 +268,8 @@ def load_policy(
         dtype: weights dtype, a ``torch.dtype`` or its name (default: transformers' default, float32).
         device: where to put the model (default: stays on CPU).
         prompt: the prompt template (default: the authors' R1 instruction, the template's system turn).
-        attn_implementation: e.g. "sdpa", "eager", "flash_attention_2" (default: transformers' choice).
+        attn_implementation: e.g. "sdpa", "sdpa_varlen" (``models.attention``), "eager", "flash_attention_2"
+            (default: transformers' choice).
         min_pixels / max_pixels: override the image processor's pixel budget per image (default: its own).
     Raises:
         FileNotFoundError: no such directory, and not a hub id, or the hub id could not be loaded (the message
@@ -275,6 +277,7 @@ def load_policy(
         ImportError: ``flash_attention_2`` without the flash-attn package.
     """
     source, local_only = resolve_policy_source(path_or_hub_id)
+    register_attention()  # "sdpa_varlen" (models.attention)
     model_kwargs: dict[str, Any] = {"local_files_only": local_only}
     if dtype is not None:
         model_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype

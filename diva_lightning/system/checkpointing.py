@@ -195,6 +195,7 @@ NOT_RUN_DEFINING = (
     "model.init_args.policy_config.padding_free",
     "model.init_args.policy_config.max_tokens_per_micro_batch",
     "model.init_args.policy_config.attn_implementation",
+    "model.init_args.policy_config.share_prompt",
     "model.init_args.rollout.init_args.gpu_memory_utilization",
     "model.init_args.rollout.init_args.cpu_kv_cache_gib",
     "model.init_args.rollout.init_args.sleep_mode",

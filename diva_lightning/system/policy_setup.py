@@ -48,7 +48,7 @@ def pixel_budget(cfg: PolicyConfig, spec: VisionSpec) -> tuple[int, int]:
 
 def load_bundle(policy: str, cfg: PolicyConfig, prompt: PromptConfig) -> PolicyBundle:
     """The checkpoint ``policy`` with the configured dtype, attention and pixel budget."""
-    bundle = load_policy(policy, dtype=cfg.dtype, prompt=prompt, attn_implementation=cfg.attn_implementation)
+    bundle = load_policy(policy, dtype=cfg.dtype, prompt=prompt, attn_implementation=cfg.attention())
     lo, hi = pixel_budget(cfg, bundle.vision_spec)
     bundle.set_pixel_budget(min_pixels=lo, max_pixels=hi)
     return bundle

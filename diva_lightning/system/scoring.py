@@ -25,6 +25,7 @@ from torch import Tensor
 from diva_lightning.core.correction import importance_weights
 from diva_lightning.core.loss import truncation_mask
 from diva_lightning.core.seeding import stable_seed
+from diva_lightning.models.attention import packs_in_one_row
 from diva_lightning.models.logprobs import (
     StepImages,
     completion_logprobs,
@@ -63,11 +64,13 @@ class RoundScorer:
         index = roll.prompt_index.to(device)[rows]
         temperature = max(s.train_sampling.temperature, 1e-5)
         if s.policy_cfg.padding_free:  # packed, each distinct image once, a dummy image keeps FSDP ranks in step
-            # flash-attention's varlen kernels attend within each sequence only: everything in one row, no pad
-            one_row = (s.policy_cfg.attn_implementation or "").startswith("flash")
+            # flash-attention's varlen kernels and sdpa_varlen attend within each sequence only: everything in one
+            # row, no pad (sdpa / eager: rows of the longest sequence, their mask is dense across a row)
+            one_row = packs_in_one_row(s.policy_cfg.attention())
             return packed_logprobs(model, self.inputs, ids, mask, prompt_index=index, temperature=temperature,
                                    with_entropy=entropy, sync_vision=s.sharded, images=images,
-                                   pack_width=sys.maxsize if one_row else None)
+                                   pack_width=sys.maxsize if one_row else None,
+                                   share_prompt=s.policy_cfg.shares_prompt())
         return completion_logprobs(model, self.inputs, ids, mask, prompt_index=index, temperature=temperature,
                                    with_entropy=entropy)
 

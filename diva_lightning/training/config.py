@@ -182,7 +182,10 @@ class PolicyConfig:
     dtype: WeightsDtype = "float32"
     """Weights dtype: float32 | bfloat16 (bfloat16 trains through float32 master copies in the optimizer)."""
     attn_implementation: AttnImplementation | None = None
-    """sdpa | eager | flash_attention_2 (needs the flash-attn package) | null (transformers' choice)."""
+    """sdpa | sdpa_varlen | eager | flash_attention_2/3 (need the flash-attn package) | null: sdpa_varlen with
+    padding_free (one packed row per forward, attention within each sequence: docs/update.md), else transformers'
+    choice. Under flash-attention and sdpa_varlen a forward packs all its sequences into one row (no padded
+    position); under sdpa and eager into rows of the longest sequence (their mask is dense across a row)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (decoder layers and vision blocks)."""
     freeze_vision_tower: bool = False
@@ -201,13 +204,30 @@ class PolicyConfig:
     """Score responses without padding: each forward packs its responses' real tokens (prompt + completion through
     EOS) into one row with packed position ids, and encodes each distinct image once (docs/update.md). false: the
     earlier padded path (prompts left-padded to the batch, completions to the rollout's longest)."""
+    share_prompt: bool | None = None
+    """Compute each prompt once for all its responses in a forward (the responses attend to the one prompt:
+    docs/update.md 4); equal log-probs and gradients. Needs sdpa_varlen; null: on under sdpa_varlen."""
     max_tokens_per_micro_batch: int | None = None
     """Token budget of one forward/backward (verl's ppo_max_token_len_per_gpu): micro-batches are filled with whole
     responses up to this many real tokens, and every rank runs as many as the rank that needs most; null: the
     micro-batches are micro_batch_size responses. Needs padding_free (a padded forward costs more than its tokens)."""
 
+    def attention(self) -> str | None:
+        """The attention implementation the policy is loaded with (``attn_implementation`` resolved)."""
+        if self.attn_implementation is None and self.padding_free:
+            return "sdpa_varlen"  # models.attention.VARLEN
+        return self.attn_implementation
+
+    def shares_prompt(self) -> bool:
+        """Whether scoring computes each prompt once for its responses (``share_prompt`` resolved)."""
+        return self.share_prompt if self.share_prompt is not None else self.attention() == "sdpa_varlen"
+
     def check(self) -> list[str]:
         problems = choice_problems("policy_config.dtype", self.dtype, WeightsDtype)
+        if self.share_prompt and self.attention() != "sdpa_varlen":
+            problems.append(f"policy_config.share_prompt needs attn_implementation sdpa_varlen (or null with "
+                            f"padding_free), got {self.attn_implementation} with padding_free {self.padding_free}: "
+                            f"only it lets a response attend to a prompt computed once")
         problems += choice_problems("policy_config.attn_implementation", self.attn_implementation,
                                     AttnImplementation, optional=True)
         renamed = former_word("policy_config.prompt_overflow", self.prompt_overflow)

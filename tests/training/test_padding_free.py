@@ -61,22 +61,40 @@ def _assert_close(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
         assert float((a[name] - b[name]).abs().max()) <= 1e-5 * scale + 1e-9, name
 
 
-@pytest.mark.parametrize(("pack", "width"), [(True, None), (True, 1 << 30), (False, None)])
-def test_packed_scores_and_gradients_equal_the_padded_path(setup: tuple, pack: bool, width: int | None) -> None:
-    """Packed rows of the longest sequence, everything in one row (flash-attention's layout), or right-padded."""
+@pytest.mark.parametrize(("pack", "width", "attention", "share"), [
+    (True, None, "sdpa", False), (True, 1 << 30, "sdpa", False), (False, None, "sdpa", False),
+    (True, 1 << 30, "sdpa_varlen", False), (True, None, "sdpa_varlen", False), (True, 1 << 30, "sdpa_varlen", True),
+    (True, None, "sdpa_varlen", True)])
+def test_packed_scores_and_gradients_equal_the_padded_path(setup: tuple, pack: bool, width: int | None,
+                                                           attention: str, share: bool) -> None:
+    """Packed rows of the longest sequence, everything in one row (the layout of flash-attention and of
+    sdpa_varlen, the default), or right-padded; each prompt once for its responses (share_prompt); the padded
+    reference always under sdpa."""
     bundle, inputs, roll = setup
     model = bundle.model
     kw = {"prompt_index": roll.prompt_index, "with_entropy": True, "temperature": 0.7}
     ref, ref_ent = completion_logprobs(model, inputs, roll.completion_ids, roll.completion_mask, **kw)
     (ref.sum() + ref_ent.sum()).backward()
     want = _grads(model)
-    logp, ent = packed_logprobs(model, inputs, roll.completion_ids, roll.completion_mask, pack=pack,
-                                pack_width=width, **kw)
+    model.set_attn_implementation(attention)
+    try:
+        logp, ent = packed_logprobs(model, inputs, roll.completion_ids, roll.completion_mask, pack=pack,
+                                    pack_width=width, share_prompt=share, **kw)
+    finally:
+        model.set_attn_implementation("sdpa")
     (logp.sum() + ent.sum()).backward()
     torch.testing.assert_close(logp, ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(ent, ref_ent, atol=2e-6, rtol=1e-5)
     assert torch.equal(logp == 0, roll.completion_mask == 0)  # 0 exactly where nothing was scored
     _assert_close(_grads(model), want)
+
+
+def test_a_shared_prompt_needs_sdpa_varlen(setup: tuple) -> None:
+    """Under sdpa the completions after the first would not see their prompt: refused, not silently wrong."""
+    bundle, inputs, roll = setup
+    with pytest.raises(ValueError, match="sdpa_varlen"), torch.no_grad():
+        packed_logprobs(bundle.model, inputs, roll.completion_ids, roll.completion_mask,
+                        prompt_index=roll.prompt_index, pack_width=1 << 30, share_prompt=True)
 
 
 def test_packing_puts_short_sequences_in_one_row(setup: tuple) -> None:
