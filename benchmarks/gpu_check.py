@@ -27,6 +27,10 @@ FLOPs counted by component (:func:`step_flops`): the vision tower per distinct i
 attention included), the text layers per real token (no padding is computed any more), causal attention per
 sequence (2 L^2 d per layer), the LM head only on the scored completion positions; the update is forward + backward
 (3x the forward; activation recomputation is not counted, as MFU conventions require). Peak GPU memory too.
+The counts are those of the work as EasyR1 counts it, every response with its own prompt: under the default
+``share_prompt`` (docs/update.md 4) the model computes each prompt once for its responses, so fewer FLOPs run than
+are counted and the MFU reads as an effective one (the report says so). The default attention is ``sdpa_varlen``
+(no flash-attn needed); ``--attention flash_attention_2`` measures flash-attention instead (share_prompt then off).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from diva_lightning.data.schema import write_records  # noqa: E402
 from diva_lightning.data.world import generate_world, world_corpus  # noqa: E402
+from diva_lightning.models.attention import VARLEN  # noqa: E402
 from diva_lightning.rollout.base import Rollout, RolloutEngine, mask_after_stop  # noqa: E402
 
 # EasyR1's published baseline (v0.3.2 assets/baselines.md): Qwen2.5-VL-7B GRPO, 8xH100, 2,560 responses per step.
@@ -279,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "--model.init_args.policy_config.min_pixels", "3136",
         "--model.init_args.policy_config.max_pixels", str(args.image_px * args.image_px),
     ]
+    args_fit += ["--model.init_args.policy_config.attn_implementation", args.attention]
     if engine == "vllm":
         args_fit += ["--model.init_args.rollout.class_path", "diva_lightning.rollout.vllm.VLLMEngine",
                      "--model.init_args.rollout.init_args.gpu_memory_utilization", str(args.vllm_memory)]
@@ -294,6 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = summarise(timed, name, SIZES[args.size], "vLLM (VLLMEngine)" if engine == "vllm" else "HF generate")
     out["lengths"] = args.lengths
     out["token_budget"] = args.token_budget
+    out["attention"] = args.attention  # sdpa_varlen: share_prompt on (the config default)
     return out
 
 
@@ -303,6 +310,7 @@ def report(result: dict[str, Any], out: Path) -> str:
     f = result["flops_by_component"]
     total = sum(v for k, v in f.items() if k != "update_total")
     share = ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in f.items() if k != "update_total")
+    shared = ", each prompt once per forward: MFU counts it per response" if result["attention"] == VARLEN else ""
     lines = [
         f"# GPU check ({time.strftime('%Y-%m-%d')}, {result['device']}, {result['world_size']} GPU(s), rollout engine: "
         f"{result['engine']}; medians of {result['timed_steps']} timed rounds after warm-up)",
@@ -319,8 +327,8 @@ def report(result: dict[str, Any], out: Path) -> str:
         f"| update MFU (component FLOPs x 3 / t vs {result['bf16_peak_tflops']} TFLOP/s bf16) | {mfu} "
         f"({result['update_tflops_per_s']:.1f} TFLOP/s) | 16-23% (actor) |",
         f"| rollout | {result['rollout_s']:.1f} s, {result['rollout_tokens_per_s']:.0f} generated tokens/s | - |",
-        f"| update (1 step, FSDP2, token budget {result['token_budget']}) | {result['update_s']:.1f} s, "
-        f"{result['update_tokens_per_s']:.0f} tokens/s | - |",
+        f"| update (1 step, FSDP2, token budget {result['token_budget']}, attention {result['attention']}{shared}) | "
+        f"{result['update_s']:.1f} s, {result['update_tokens_per_s']:.0f} tokens/s | - |",
         f"| forward FLOPs by component | {share} | - |",
         f"| peak GPU memory | {peak} | - |",
         f"| reward + advantage | {result['reward_advantage_s']:.2f} s | - |",
@@ -346,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--steps", type=int, default=3, help="timed rounds")
     parser.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto")
+    parser.add_argument("--attention", choices=("sdpa_varlen", "sdpa", "flash_attention_2"), default="sdpa_varlen",
+                        help="policy_config.attn_implementation (default sdpa_varlen: the system's default)")
     parser.add_argument("--vllm-memory", type=float, default=0.35, help="VLLMEngine gpu_memory_utilization")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "outputs/gpu_check")))
     args = parser.parse_args(argv)
