@@ -240,13 +240,11 @@ class RoundCorrection:
         if bool(nan.any()):  # before any forward, with the round's own positions
             raise ValueError(f"engine_logp has NaN on {int(nan.sum())} masked-in tokens, first at (response, "
                              f"position) {nan.nonzero()[0].tolist()}")
-        self.precomputed: Tensor | None = None
         self.trainer: Tensor | None = None  # [N, T] the trainer's old log-probs, filled micro-batch by micro-batch
         self.seen = torch.zeros(self.mask.shape[0], dtype=torch.bool)
+        self.precomputed: tuple[Tensor, CorrectionStats] | None = None
         if batch.old_logp is not None:  # several steps: the old log-probs exist before the first one
-            self.trainer = batch.old_logp
-            self.seen[:] = True
-            self.precomputed = self._weigh(batch.old_logp, self.engine, self.mask)[0]
+            self.precomputed = self._weigh(batch.old_logp, self.engine, self.mask)
 
     def _weigh(self, trainer: Tensor, engine: Tensor, mask: Tensor) -> tuple[Tensor, CorrectionStats]:
         c = self.cfg
@@ -255,7 +253,7 @@ class RoundCorrection:
     def weights(self, rows: list[int], old: Tensor) -> Tensor:
         """The weights [n, T] of responses ``rows``, whose old log-probs are ``old`` [n, T]."""
         if self.precomputed is not None:
-            return self.precomputed[rows]
+            return self.precomputed[0][rows]
         if self.trainer is None:
             self.trainer = torch.zeros(self.mask.shape, dtype=torch.promote_types(old.dtype, torch.float32),
                                        device=old.device)
@@ -265,6 +263,8 @@ class RoundCorrection:
 
     def metrics(self) -> dict[str, float]:
         """``rollout_correction/`` statistics of the whole round (every response has been scored)."""
+        if self.precomputed is not None:
+            return self.precomputed[1].metrics()
         assert self.trainer is not None and bool(self.seen.all()), "a response was never scored"
         return self._weigh(self.trainer, self.engine, self.mask)[1].metrics()
 
