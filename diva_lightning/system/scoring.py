@@ -4,14 +4,15 @@
   micro-batched as the update forms them (padding-free packs or padded rows).
 - `UpdateHost`: the `UpdateHooks` implementation on the LightningModule: scoring with gradient, manual backward, the
   clipped optimizer step (and the engine's weight sync), the global token denominator, the cross-rank maximum.
-- `run_update`: old and reference log-probs, the rollout-correction weights, then `PPOUpdate.run`; its statistics.
+- `run_update`: old (where needed) and reference log-probs, then `PPOUpdate.run`; its statistics.
 
 Staying on-policy (issue 11, issue 25): in a round of one optimizer step the old log-probs are the update forward's
 own values, detached, whatever the engine (one that keeps its own weights is synced after every optimizer step, so it
 sampled from these weights; how far its numerics differ is the correction's business, below); a round of several
 optimizer steps re-scores them before the first update (logged: `rescored_old_logp`). When
 the engine returns its own sampling log-probs, `rollout_correction` weighs each token by the trainer/engine ratio
-(truncated or masked importance sampling) and logs the mismatch under `rollout_correction/`.
+(truncated or masked importance sampling) and logs the mismatch under `rollout_correction/`; the update computes
+these weights from the old log-probs it has (`training.ppo.RoundCorrection`), so the correction adds no pass.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import sys
 import torch
 from torch import Tensor
 
-from diva_lightning.core.correction import importance_weights
 from diva_lightning.core.loss import truncation_mask
 from diva_lightning.core.seeding import stable_seed
 from diva_lightning.models.attention import packs_in_one_row
@@ -74,11 +74,12 @@ class RoundScorer:
         return completion_logprobs(model, self.inputs, ids, mask, prompt_index=index, temperature=temperature,
                                    with_entropy=entropy)
 
-    def layout(self) -> dict[str, Tensor]:
-        """Each response's real token count and prompt: what a token-budget micro-batch is formed from."""
+    def layout(self) -> tuple[Tensor, Tensor]:
+        """Each response's real token count and prompt (``UpdateBatch.seq_lens``, ``groups``): what a token-budget
+        micro-batch is formed from."""
         index = self.roll.prompt_index.to(self.system.device)
         mask = self.roll.completion_mask.to(self.system.device)
-        return {"seq_lens": sequence_lengths(self.inputs, index, mask), "groups": index}
+        return sequence_lengths(self.inputs, index, mask), index
 
     @torch.no_grad()
     def all_logprobs(self, model: torch.nn.Module) -> Tensor:
@@ -89,7 +90,9 @@ class RoundScorer:
             step = s.update.micro_batch_size or s.update.mini_batch_size or n
             parts = [list(range(start, min(start + step, n))) for start in range(0, n, step)]
         else:
-            layout = UpdateBatch(advantages=torch.zeros(n), mask=roll.completion_mask.bool(), **self.layout())
+            seq_lens, groups = self.layout()
+            layout = UpdateBatch(advantages=torch.zeros(n), mask=roll.completion_mask.bool(), seq_lens=seq_lens,
+                                 groups=groups)
             parts = s.update.micro_batches(list(range(n)), layout, UpdateHost(s, self))
         # no gradient: every distinct image of the step is encoded once for all micro-batches
         images = step_images(model, self.inputs, sync_vision=s.sharded) if s.policy_cfg.padding_free else None
@@ -162,7 +165,8 @@ class UpdateHost:
 
 def run_update(system: TrainingSystem, inputs: dict[str, Tensor], roll: Rollout, advantages: Tensor
                ) -> dict[str, float]:
-    """Old and reference log-probs, the correction weights, then the PPO update; returns its statistics."""
+    """Old (where needed) and reference log-probs, then the PPO update (with the rollout correction's weights);
+    returns its statistics."""
     s = system
     assert s.policy is not None
     n = advantages.numel()
@@ -172,24 +176,16 @@ def run_update(system: TrainingSystem, inputs: dict[str, Tensor], roll: Rollout,
     scorer = RoundScorer(s, inputs, roll)
     # A round of one optimizer step meets the weights it was sampled with: the module itself, or an engine with its
     # own copy (vLLM), which is synced after every optimizer step. The old log-probs are then the update forward's
-    # own values, detached, and a separate pass would compute the same numbers again (issue 25 item 5). The pass
-    # stays where it is needed: several optimizer steps per round, or the rollout correction, whose weights compare
-    # the engine's log-probs with the trainer's before the first micro-batch.
-    on_policy = s.update.single_step(n)
-    stats: dict[str, float] = {}
-    old_logp = None if on_policy else scorer.all_logprobs(s.policy)
-    is_weights = None
-    correct = s.correction is not None and roll.old_logp is not None
-    stats["rescored_old_logp"] = float(old_logp is not None or correct)
-    if correct:
-        assert s.correction is not None and roll.old_logp is not None
-        trainer_logp = old_logp if old_logp is not None else scorer.all_logprobs(s.policy)
-        c = s.correction
-        is_weights, cstats = importance_weights(trainer_logp, roll.old_logp.to(s.device), mask,
-                                                level=c.level, mode=c.mode, cap=c.cap)
-        stats.update(cstats.metrics())
+    # own values, detached, and a separate pass would compute the same numbers again (issue 25 item 5); the rollout
+    # correction's weights are computed from them too, micro-batch by micro-batch (`training.ppo.RoundCorrection`).
+    # The pass stays where it is needed: several optimizer steps per round.
+    old_logp = None if s.update.single_step(n) else scorer.all_logprobs(s.policy)
+    stats: dict[str, float] = {"rescored_old_logp": float(old_logp is not None)}
+    engine_logp = None if s.correction is None or roll.old_logp is None else roll.old_logp.to(s.device)
+    seq_lens, groups = scorer.layout()
     batch = UpdateBatch(advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=scorer.reference_logprobs(),
-                        is_weights=is_weights, **scorer.layout())
+                        seq_lens=seq_lens, groups=groups, engine_logp=engine_logp,
+                        correction=None if engine_logp is None else s.correction)
     g = torch.Generator().manual_seed(stable_seed("minibatch", s.seed, s.global_step, s.global_rank))
     host = UpdateHost(s, scorer)
     stats.update(s.update.run(batch, host, generator=g))

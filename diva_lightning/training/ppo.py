@@ -13,6 +13,13 @@ responses go into which forward and with which denominators:
 Old log-probs: ``old_logp=None`` means "the sampling policy is the current one" (ratio exactly 1, taken detached
 from the same forward). That shortcut is only right for a single optimizer step per round: the class refuses it
 otherwise, so a caller cannot turn PPO into REINFORCE on stale samples by accident.
+
+Rollout correction (``engine_logp`` with ``correction``): the weights `core.correction.importance_weights` gives for
+the trainer's old log-probs against the engine's. With ``old_logp`` they are computed once before the first step;
+without it (one step) from each micro-batch's detached log-probs, so no separate pass is needed. Every weight is a
+function of its own response's tokens only (token level: of the token; sequence level: of the response's sum), and
+a response is whole in one micro-batch, so these are the round-wide weights. The mismatch statistics
+(``rollout_correction/``) are computed once over the whole round either way.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from diva_lightning.core.correction import CorrectionStats, importance_weights
 from diva_lightning.core.loss import policy_loss
-from diva_lightning.training.config import LossConfig
+from diva_lightning.training.config import CorrectionConfig, LossConfig
 
 
 class UpdateHooks(Protocol):
@@ -60,7 +68,10 @@ class UpdateBatch:
         mask: [N, T] bool, the tokens that get gradient.
         old_logp: [N, T] log-probs of the sampling policy, or None (= current policy, one step only).
         ref_logp: [N, T] reference log-probs for the KL term, or None.
-        is_weights: [N, T] importance weights (engine/trainer correction), or None.
+        is_weights: [N, T] importance weights (engine/trainer correction) computed by the caller, or None.
+        engine_logp: [N, T] log-probs the rollout engine reported when sampling, or None; with ``correction``,
+            the update computes the importance weights itself (see the module docstring). Not with ``is_weights``.
+        correction: the correction's level, mode and cap; set exactly when ``engine_logp`` is.
         seq_lens: [N] real tokens of each response's forward (prompt + completion), needed by a token budget.
         groups: [N] prompt of each response: a token-budget micro-batch keeps a prompt's responses together
             where it can (its image is then encoded once for them).
@@ -73,6 +84,8 @@ class UpdateBatch:
     is_weights: Tensor | None = None
     seq_lens: Tensor | None = None
     groups: Tensor | None = None
+    engine_logp: Tensor | None = None
+    correction: CorrectionConfig | None = None
 
     def __len__(self) -> int:
         return int(self.advantages.shape[0])
@@ -167,6 +180,11 @@ class PPOUpdate:
         if batch.old_logp is None and not self.single_step(n):
             raise ValueError(f"old log-probs are required: this round takes {self.steps_per_round(n)} optimizer "
                              "steps, so the sampling policy is not the current one after the first")
+        if (batch.engine_logp is None) != (batch.correction is None):
+            raise ValueError("UpdateBatch.engine_logp and UpdateBatch.correction go together: set both or neither")
+        if batch.engine_logp is not None and batch.is_weights is not None:
+            raise ValueError("UpdateBatch.is_weights and engine_logp both weigh the tokens: give one")
+        correction = RoundCorrection(batch) if batch.engine_logp is not None else None
         mini = self.mini_batch_size or n
         cfg = self.loss
         # Dr.GRPO's constant: the budget, else the round's width (never a micro-batch's own width)
@@ -183,12 +201,16 @@ class PPOUpdate:
                 for idx in self.micro_batches(mb, batch, hooks):
                     logp, ent = hooks.score(idx, entropy=want_entropy)
                     old = logp.detach() if batch.old_logp is None else batch.old_logp[idx]
+                    if correction is not None:
+                        is_weights: Tensor | None = correction.weights(idx, old)
+                    else:
+                        is_weights = None if batch.is_weights is None else batch.is_weights[idx]
                     loss, stats = policy_loss(
                         logp, old, batch.advantages[idx], batch.mask[idx], clip_low=cfg.clip_low,
                         clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg, ratio_level=cfg.ratio_level,
                         ref_logp=None if batch.ref_logp is None else batch.ref_logp[idx], kl_coef=cfg.kl_coef,
                         kl_type=cfg.kl_type, entropy=ent, entropy_coef=cfg.entropy_coef,
-                        is_weights=None if batch.is_weights is None else batch.is_weights[idx],
+                        is_weights=is_weights,
                         # mini-batch-wide denominators: micro-batch losses add up to the mini-batch loss
                         num_tokens=num_tokens, num_seqs=len(mb), max_len=max_len,
                     )
@@ -199,7 +221,52 @@ class PPOUpdate:
                     micro_stats.append((stats_dict(stats), share))
                 hooks.step()
                 per_step.append(combine_micro_stats(micro_stats))
-        return {k: sum(d[k] for d in per_step) / len(per_step) for k in per_step[0]}
+        out = {k: sum(d[k] for d in per_step) / len(per_step) for k in per_step[0]}
+        if correction is not None:
+            out.update(correction.metrics())
+        return out
+
+
+class RoundCorrection:
+    """The rollout correction of one round (``UpdateBatch.engine_logp`` and ``correction``): per micro-batch
+    weights, and the mismatch statistics over the whole round."""
+
+    def __init__(self, batch: UpdateBatch) -> None:
+        assert batch.engine_logp is not None and batch.correction is not None
+        self.engine, self.mask, self.cfg = batch.engine_logp, batch.mask, batch.correction
+        if self.engine.shape != self.mask.shape:
+            raise ValueError(f"engine_logp shape {tuple(self.engine.shape)} != mask shape {tuple(self.mask.shape)}")
+        nan = self.mask.bool() & torch.isnan(self.engine)
+        if bool(nan.any()):  # before any forward, with the round's own positions
+            raise ValueError(f"engine_logp has NaN on {int(nan.sum())} masked-in tokens, first at (response, "
+                             f"position) {nan.nonzero()[0].tolist()}")
+        self.trainer: Tensor | None = None  # [N, T] the trainer's old log-probs, filled micro-batch by micro-batch
+        self.seen = torch.zeros(self.mask.shape[0], dtype=torch.bool)
+        self.precomputed: tuple[Tensor, CorrectionStats] | None = None
+        if batch.old_logp is not None:  # several steps: the old log-probs exist before the first one
+            self.precomputed = self._weigh(batch.old_logp, self.engine, self.mask)
+
+    def _weigh(self, trainer: Tensor, engine: Tensor, mask: Tensor) -> tuple[Tensor, CorrectionStats]:
+        c = self.cfg
+        return importance_weights(trainer, engine, mask, level=c.level, mode=c.mode, cap=c.cap)
+
+    def weights(self, rows: list[int], old: Tensor) -> Tensor:
+        """The weights [n, T] of responses ``rows``, whose old log-probs are ``old`` [n, T]."""
+        if self.precomputed is not None:
+            return self.precomputed[0][rows]
+        if self.trainer is None:
+            self.trainer = torch.zeros(self.mask.shape, dtype=torch.promote_types(old.dtype, torch.float32),
+                                       device=old.device)
+        self.trainer[rows] = old.detach().to(self.trainer.dtype)
+        self.seen[rows] = True
+        return self._weigh(old, self.engine[rows], self.mask[rows])[0]
+
+    def metrics(self) -> dict[str, float]:
+        """``rollout_correction/`` statistics of the whole round (every response has been scored)."""
+        if self.precomputed is not None:
+            return self.precomputed[1].metrics()
+        assert self.trainer is not None and bool(self.seen.all()), "a response was never scored"
+        return self._weigh(self.trainer, self.engine, self.mask)[1].metrics()
 
 
 def token_budget_partition(rows: list[int], batch: UpdateBatch, max_tokens: int, max_rows: int,

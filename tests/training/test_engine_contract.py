@@ -64,8 +64,9 @@ def test_module_sampling_engine_reports_its_own_logps(tiny_policy_dir: str, tmp_
 
 def test_one_step_round_uses_the_update_forward_as_old_logps(tiny_policy_dir: str, tmp_path: Path) -> None:
     """Issue 25 item 5: an engine with its own (synced) weights and a round of one optimizer step: the old
-    log-probs are the update forward's detached values (no separate pass, ratio exactly 1); several optimizer steps
-    per round (two mini-batches) or the correction still re-score."""
+    log-probs are the update forward's detached values (no separate pass, ratio exactly 1), and the rollout
+    correction's weights come from them too (no pass either); several optimizer steps per round (two mini-batches)
+    re-score, with the correction or without."""
     engine = ["--model.init_args.rollout", "tests.helpers.engines.CopyEngine"]
     one_step = run_cli(small_args(tiny_policy_dir, tmp_path / "one", *engine, steps=2))
     for row in _rows(one_step):
@@ -76,4 +77,12 @@ def test_one_step_round_uses_the_update_forward_as_old_logps(tiny_policy_dir: st
     for row in _rows(two_steps):
         assert float(row["rescored_old_logp"]) == 1.0
     corrected = run_cli(small_args(tiny_policy_dir, tmp_path / "corr", *_engine_args(stale=False), steps=1))
-    assert [float(r["rescored_old_logp"]) for r in _rows(corrected)] == [1.0]
+    [row] = _rows(corrected)
+    assert float(row["rescored_old_logp"]) == 0.0
+    assert float(row["ratio/mean"]) == 1.0
+    assert float(row["rollout_correction/logp_diff_max"]) < 1e-4  # measured against the update's own forward
+    corrected_two = run_cli(small_args(tiny_policy_dir, tmp_path / "corr2", *_engine_args(stale=False),
+                                       "--model.init_args.mini_batch_size", "6", steps=1))
+    [row] = _rows(corrected_two)
+    assert float(row["rescored_old_logp"]) == 1.0
+    assert float(row["rollout_correction/logp_diff_max"]) < 1e-4
