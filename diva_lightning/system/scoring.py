@@ -74,12 +74,16 @@ class RoundScorer:
         return completion_logprobs(model, self.inputs, ids, mask, prompt_index=index, temperature=temperature,
                                    with_entropy=entropy)
 
-    def layout(self) -> tuple[Tensor, Tensor]:
-        """Each response's real token count and prompt (``UpdateBatch.seq_lens``, ``groups``): what a token-budget
-        micro-batch is formed from."""
+    def layout(self) -> dict[str, Tensor | None]:
+        """Each response's real token count, prompt, and prompt length when prompts are shared
+        (``UpdateBatch.seq_lens``, ``groups``, ``shared_prompt_lens``): what a token-budget micro-batch is formed
+        from."""
         index = self.roll.prompt_index.to(self.system.device)
         mask = self.roll.completion_mask.to(self.system.device)
-        return sequence_lengths(self.inputs, index, mask), index
+        shared = None
+        if self.system.policy_cfg.padding_free and self.system.policy_cfg.shares_prompt():
+            shared = self.inputs["attention_mask"].sum(dim=1).to(index.device)[index]
+        return {"seq_lens": sequence_lengths(self.inputs, index, mask), "groups": index, "shared_prompt_lens": shared}
 
     @torch.no_grad()
     def all_logprobs(self, model: torch.nn.Module) -> Tensor:
@@ -90,9 +94,7 @@ class RoundScorer:
             step = s.update.micro_batch_size or s.update.mini_batch_size or n
             parts = [list(range(start, min(start + step, n))) for start in range(0, n, step)]
         else:
-            seq_lens, groups = self.layout()
-            layout = UpdateBatch(advantages=torch.zeros(n), mask=roll.completion_mask.bool(), seq_lens=seq_lens,
-                                 groups=groups)
+            layout = UpdateBatch(advantages=torch.zeros(n), mask=roll.completion_mask.bool(), **self.layout())
             parts = s.update.micro_batches(list(range(n)), layout, UpdateHost(s, self))
         # no gradient: every distinct image of the step is encoded once for all micro-batches
         images = step_images(model, self.inputs, sync_vision=s.sharded) if s.policy_cfg.padding_free else None
@@ -182,10 +184,9 @@ def run_update(system: TrainingSystem, inputs: dict[str, Tensor], roll: Rollout,
     old_logp = None if s.update.single_step(n) else scorer.all_logprobs(s.policy)
     stats: dict[str, float] = {"rescored_old_logp": float(old_logp is not None)}
     engine_logp = None if s.correction is None or roll.old_logp is None else roll.old_logp.to(s.device)
-    seq_lens, groups = scorer.layout()
     batch = UpdateBatch(advantages=advantages, mask=mask, old_logp=old_logp, ref_logp=scorer.reference_logprobs(),
-                        seq_lens=seq_lens, groups=groups, engine_logp=engine_logp,
-                        correction=None if engine_logp is None else s.correction)
+                        engine_logp=engine_logp, correction=None if engine_logp is None else s.correction,
+                        **scorer.layout())
     g = torch.Generator().manual_seed(stable_seed("minibatch", s.seed, s.global_step, s.global_rank))
     host = UpdateHost(s, scorer)
     stats.update(s.update.run(batch, host, generator=g))

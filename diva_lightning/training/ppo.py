@@ -75,6 +75,9 @@ class UpdateBatch:
         seq_lens: [N] real tokens of each response's forward (prompt + completion), needed by a token budget.
         groups: [N] prompt of each response: a token-budget micro-batch keeps a prompt's responses together
             where it can (its image is then encoded once for them).
+        shared_prompt_lens: [N] prompt tokens of each response when a forward computes each prompt once for its
+            responses (``share_prompt``), or None: the budget then counts a prompt once per micro-batch, as the
+            forward holds it.
     """
 
     advantages: Tensor
@@ -86,6 +89,7 @@ class UpdateBatch:
     groups: Tensor | None = None
     engine_logp: Tensor | None = None
     correction: CorrectionConfig | None = None
+    shared_prompt_lens: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.advantages.shape[0])
@@ -273,35 +277,47 @@ def token_budget_partition(rows: list[int], batch: UpdateBatch, max_tokens: int,
                            max_over_ranks: Callable[[int], int]) -> list[list[int]]:
     """Micro-batches of ``rows`` holding at most ``max_tokens`` real tokens (packed: no padding) and ``max_rows``
     rows each, as many on every rank (see ``PPOUpdate.micro_batches``). A prompt's responses are split over two
-    micro-batches only when they do not fit in one: its image is then encoded once in the update."""
+    micro-batches only when they do not fit in one: its image is then encoded once in the update. With
+    ``shared_prompt_lens`` a micro-batch's tokens count each prompt once (what a shared-prompt forward holds)."""
     if batch.seq_lens is None:
         raise ValueError("a token budget (max_tokens_per_micro_batch) needs UpdateBatch.seq_lens")
     lens = batch.seq_lens.tolist()
     groups = batch.groups.tolist() if batch.groups is not None else list(range(len(lens)))
+    shared = batch.shared_prompt_lens.tolist() if batch.shared_prompt_lens is not None else [0] * len(lens)
+
+    def tokens(part: list[int]) -> int:
+        """Real tokens a forward of ``part`` holds: each response's, less the shared prompts' repeats."""
+        first: dict[int, int] = {}
+        for r in part:
+            first.setdefault(groups[r], shared[r])
+        return sum(lens[r] - shared[r] for r in part) + sum(first.values())
+
     by_group: dict[int, list[int]] = {}
     for r in sorted(rows, key=lambda r: (groups[r], r)):
         by_group.setdefault(groups[r], []).append(r)
     parts: list[list[int]] = [[]]
     used = 0
     for members in by_group.values():
-        size = sum(lens[r] for r in members)
+        size = tokens(members)
         # a prompt's responses that fit in a fresh micro-batch but not in this one start the next: not split
         if parts[-1] and (used + size > max_tokens or len(parts[-1]) + len(members) > max_rows) \
                 and size <= max_tokens and len(members) <= max_rows:
             parts.append([])
             used = 0
-        for r in members:
-            if parts[-1] and (used + lens[r] > max_tokens or len(parts[-1]) >= max_rows):
+        for j, r in enumerate(members):
+            # a response costs its own tokens, less its prompt's when the prompt is in this micro-batch already
+            cost = lens[r] - (shared[r] if j and parts[-1] and groups[parts[-1][-1]] == groups[r] else 0)
+            if parts[-1] and (used + cost > max_tokens or len(parts[-1]) >= max_rows):
                 parts.append([])
-                used = 0
+                used, cost = 0, lens[r]
             parts[-1].append(r)
-            used += lens[r]
+            used += cost
     wanted = max_over_ranks(len(parts))
     if wanted > len(rows):
         raise ValueError(f"another rank needs {wanted} micro-batches but this one has only {len(rows)} responses in "
                          "the mini-batch: ranks must hold mini-batches of equal size")
     while len(parts) < wanted:  # halve the heaviest splittable micro-batch: never exceeds the budget
-        k = max((i for i, p in enumerate(parts) if len(p) > 1), key=lambda i: sum(lens[r] for r in parts[i]))
+        k = max((i for i, p in enumerate(parts) if len(p) > 1), key=lambda i: tokens(parts[i]))
         half = len(parts[k]) // 2
         parts[k : k + 1] = [parts[k][:half], parts[k][half:]]
     return parts

@@ -156,15 +156,24 @@ class Recorder:
     """UpdateHooks over the tiny model, scoring padded (the reference) or packed; records gradients per step."""
 
     def __init__(self, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: object, *, packed: bool,
-                 ranks_need: int = 0) -> None:
+                 ranks_need: int = 0, share: bool = False) -> None:
         self.model, self.inputs, self.roll, self.packed = bundle.model, inputs, roll, packed
         self.steps: list[dict[str, Tensor]] = []
         self.forwards: list[list[int]] = []
         self.ranks_need = ranks_need  # what another rank needs: max_over_ranks returns the larger
+        self.share = share  # one row under sdpa_varlen, each prompt once per forward (the module's default)
 
     def score(self, rows: list[int], *, entropy: bool) -> tuple[Tensor, Tensor | None]:
         self.forwards.append(rows)
         r = self.roll
+        if self.share:
+            self.model.set_attn_implementation("sdpa_varlen")
+            try:
+                return packed_logprobs(self.model, self.inputs, r.completion_ids[rows],  # type: ignore[attr-defined]
+                                       r.completion_mask[rows], prompt_index=r.prompt_index[rows],  # type: ignore[attr-defined]
+                                       with_entropy=entropy, pack_width=1 << 30, share_prompt=True)
+            finally:
+                self.model.set_attn_implementation("sdpa")
         fn = packed_logprobs if self.packed else completion_logprobs
         return fn(self.model, self.inputs, r.completion_ids[rows], r.completion_mask[rows],  # type: ignore[attr-defined]
                   prompt_index=r.prompt_index[rows], with_entropy=entropy)  # type: ignore[attr-defined]
@@ -210,6 +219,34 @@ def test_token_budget_update_equals_one_padded_forward(setup: tuple, agg: str, r
     assert len(ref_hooks.forwards) == 1 and len(hooks.forwards) > 2 and max(map(len, hooks.forwards)) > 1
     lens = _batch(inputs, roll).seq_lens.tolist()  # type: ignore[union-attr]
     assert all(sum(lens[r] for r in rows) <= budget or len(rows) == 1 for rows in hooks.forwards)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    _assert_close(hooks.steps[0], ref_hooks.steps[0])
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_sum_norm"])
+def test_a_shared_prompt_budget_counts_each_prompt_once(setup: tuple, agg: str) -> None:
+    """With shared prompts a forward holds each prompt once, and so does the budget: fewer, fuller micro-batches,
+    and still the loss, statistics and gradients of one padded forward."""
+    bundle, inputs, roll = setup
+    loss = LossConfig(agg=agg, entropy_coef=0.01, kl_coef=0.05)
+    ref_hooks = Recorder(bundle, inputs, roll, packed=False)
+    want = PPOUpdate(loss, max_len=10).run(_batch(inputs, roll), ref_hooks, generator=torch.Generator())
+    batch = _batch(inputs, roll)
+    batch.shared_prompt_lens = inputs["attention_mask"].sum(dim=1)[roll.prompt_index]
+    hooks = Recorder(bundle, inputs, roll, packed=True, share=True)
+    budget = 300
+    got = PPOUpdate(loss, max_len=10, max_tokens_per_micro_batch=budget).run(batch, hooks,
+                                                                             generator=torch.Generator())
+    lens, plen = batch.seq_lens.tolist(), batch.shared_prompt_lens.tolist()  # type: ignore[union-attr]
+    groups = roll.prompt_index.tolist()
+    for rows in hooks.forwards:
+        held = sum(lens[r] - plen[r] for r in rows) + sum(plen[min(r for r in rows if groups[r] == g)]
+                                                          for g in {groups[r] for r in rows})
+        assert held <= budget or len(rows) == 1
+    plain = token_budget_partition(list(range(len(batch))), _batch(inputs, roll), budget, 100, lambda v: v)
+    assert len(hooks.forwards) < len(plain)  # each prompt counted once: fewer forwards for the same budget
     assert want.keys() == got.keys()
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
