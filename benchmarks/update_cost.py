@@ -163,7 +163,7 @@ def _rescore(model: torch.nn.Module, inputs: dict[str, Tensor], roll: Rollout, p
                 out[rows] = completion_logprobs(model, inputs, roll.completion_ids[rows], roll.completion_mask[rows],
                                                 prompt_index=roll.prompt_index[rows])[0]
             return out
-        batch = _batch(inputs, roll)
+        batch = _batch(inputs, roll, share_prompt)
         parts = PPOUpdate(LossConfig(), max_tokens_per_micro_batch=budget).micro_batches(
             list(range(n)), batch, Hooks(model, inputs, roll, True))
         images = step_images(model, inputs)
@@ -174,12 +174,15 @@ def _rescore(model: torch.nn.Module, inputs: dict[str, Tensor], roll: Rollout, p
     return out
 
 
-def _batch(inputs: dict[str, Tensor], roll: Rollout) -> UpdateBatch:
+def _batch(inputs: dict[str, Tensor], roll: Rollout, share_prompt: bool = False) -> UpdateBatch:
+    """The update's batch; with ``share_prompt`` the token budget counts each prompt once per micro-batch, as the
+    module does (``UpdateBatch.shared_prompt_lens``)."""
     g = torch.Generator().manual_seed(0)
     mask = roll.completion_mask.bool()
+    shared = inputs["attention_mask"].sum(dim=1)[roll.prompt_index] if share_prompt else None
     return UpdateBatch(advantages=torch.randn(mask.shape[0], generator=g), mask=mask,
                        seq_lens=sequence_lengths(inputs, roll.prompt_index, roll.completion_mask),
-                       groups=roll.prompt_index)
+                       groups=roll.prompt_index, shared_prompt_lens=shared)
 
 
 def measure(name: str, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: Rollout, *, budget: int,
@@ -200,7 +203,7 @@ def measure(name: str, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: Ro
                            max_tokens_per_micro_batch=budget if packed else None, max_len=roll.completion_ids.shape[1])
         hooks = Hooks(model, inputs, roll, packed, width, share)
         counter.take()
-        stats = update.run(_batch(inputs, roll), hooks, generator=torch.Generator())
+        stats = update.run(_batch(inputs, roll, share), hooks, generator=torch.Generator())
         positions, rows = counter.take()
         rescored = _rescore(model, inputs, roll, packed, budget, width, share)
         _, rescore_rows = counter.take()
@@ -215,7 +218,7 @@ def measure(name: str, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: Ro
         for label, (update, hooks, packed, width, attention, share) in runs.items():
             model.set_attn_implementation(attention)
             t = time.perf_counter()
-            update.run(_batch(inputs, roll), hooks, generator=torch.Generator())
+            update.run(_batch(inputs, roll, share), hooks, generator=torch.Generator())
             out[label]["update_times"].append(time.perf_counter() - t)
             t = time.perf_counter()
             _rescore(model, inputs, roll, packed, budget, width, share)
