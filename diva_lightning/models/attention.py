@@ -10,8 +10,9 @@ This implementation, registered with transformers' public ``AttentionInterface``
 the name ``sdpa_varlen``, does what the varlen kernels do with plain sdpa calls: for a packed causal forward (text
 positions given, no 2D attention mask, no cache) it finds each sequence from the positions and runs one causal sdpa
 call per sequence, so attention costs ``sum(len_i^2)`` and one row needs no padding at all; no ``L x L`` mask is
-built. Everything else (generation with its left-padded prompts and KV cache, the vision tower, a padded forward)
-goes to transformers' own sdpa unchanged, so the numbers there are identical.
+built. Everything else (a left-padded batch, every decoding step with its KV cache, the vision tower, a padded
+forward) goes to transformers' own sdpa unchanged, so the numbers there are identical; the prefill of unpadded
+prompts arrives here as one causal segment per row, the same attention.
 
 Shared prompts (issue 25 item 4). A segment whose text positions start at ``p0 > 0`` is a *continuation*: it
 attends to the first ``p0`` tokens of the row's last segment that started at 0 (its *head*), then causally to
@@ -29,9 +30,11 @@ causal after the prefix), one without uses sdpa's own causal kernel.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,10 +65,11 @@ def sequence_bounds(text_positions: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _packed_causal(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any,
-                   position_ids: torch.Tensor | None, sliding_window: int | None) -> bool:
+                   position_ids: torch.Tensor | None, sliding_window: int | None, is_causal: bool | None) -> bool:
     """A forward this implementation handles itself: causal, positions given, no mask, no cache, no window."""
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     return (attention_mask is None and position_ids is not None and position_ids.dim() == 2
-            and query.shape[2] == key.shape[2] and sliding_window is None and getattr(module, "is_causal", True))
+            and query.shape[2] == key.shape[2] and sliding_window is None and bool(causal))
 
 
 def length_buckets(lengths: list[int], ratio: float = BUCKET_RATIO) -> list[list[int]]:
@@ -101,8 +105,9 @@ def _segments(position_ids: torch.Tensor, width: int) -> list[tuple[int, int, in
     """``(start, length, prefix, head)`` of every segment of every row, starts flat over ``[B * L]``: ``prefix``
     tokens of the head segment starting at flat position ``head`` come before the segment (0 for a head)."""
     out = []
-    for b in range(position_ids.shape[0]):
-        row = position_ids[b]
+    positions = position_ids.cpu()  # one device-to-host copy per forward
+    for b in range(positions.shape[0]):
+        row = positions[b]
         head_start, head_len = 0, 0
         for s, e in sequence_bounds(row):
             p0 = int(row[s])
@@ -115,66 +120,118 @@ def _segments(position_ids: torch.Tensor, width: int) -> list[tuple[int, int, in
     return out
 
 
+@dataclass
+class _Bucket:
+    """One sdpa call: ``n`` segments, their query slots right-padded to the longest (``real`` marks the real ones),
+    their key slots (a continuation's: its prompt's, then its own) and what the mask is made from."""
+
+    q_index: torch.Tensor  # [n, longest] flat token of each query slot
+    k_index: torch.Tensor  # [n, keys] flat token of each key slot
+    last_key: torch.Tensor | None  # [n, longest] the last key slot each query slot sees (None: plain causal)
+    real: torch.Tensor  # [n, longest] bool
+
+    def mask(self) -> torch.Tensor | None:
+        """[n, 1, longest, keys] bool (built per call, not kept: it is the size of the bucket's attention)."""
+        if self.last_key is None:
+            return None
+        slots = torch.arange(self.k_index.shape[1], device=self.k_index.device)
+        return (slots[None, None, :] <= self.last_key[:, :, None])[:, None]
+
+
+@dataclass
+class _Plan:
+    buckets: list[_Bucket]
+    order: torch.Tensor  # [B * L]: where each flat token's output is among the buckets' concatenated real outputs
+
+
+def _bucket(segments: list[tuple[int, int, int, int]], device: torch.device) -> _Bucket:
+    start, size, prefix, head = (torch.tensor([seg[f] for seg in segments], device=device)[:, None] for f in range(4))
+    longest = max(seg[1] for seg in segments)
+    step = torch.arange(longest, device=device)[None]
+    # a padded query slot repeats its segment's last token: its output is dropped, and no real query attends to it
+    last = torch.minimum(step, size - 1)
+    q_index = start + last
+    if max(seg[2] for seg in segments) == 0:  # prompts / whole sequences: keys are the queries, plain causal
+        return _Bucket(q_index=q_index, k_index=q_index, last_key=None, real=step < size)
+    # continuations: keys are the head's first `prefix` tokens, then the segment's own; query slot a sees key slots
+    # j <= prefix + a (bottom-right causal after the prefix)
+    slots = torch.arange(max(seg[1] + seg[2] for seg in segments), device=device)[None]
+    own = start + torch.clamp(slots - prefix, min=0).minimum(size - 1)
+    k_index = torch.where(slots < prefix, head + slots, own)
+    return _Bucket(q_index=q_index, k_index=k_index, last_key=prefix + last, real=step < size)
+
+
+# the plan of the last packed forward: every layer of one forward gets the same position tensor, so the segments
+# and index tensors are computed once per forward (and once more if gradient checkpointing recomputes it)
+_LAST_PLAN: list[Any] = [None, None, None]  # [weakref to the position tensor, (width, device), _Plan]
+
+
+def _plan(position_ids: torch.Tensor, width: int, device: torch.device) -> _Plan:
+    ref, key, plan = _LAST_PLAN
+    if ref is not None and ref() is position_ids and key == (width, device):
+        return plan  # type: ignore[no-any-return]
+    segments = _segments(position_ids, width)
+    heads = [i for i, seg in enumerate(segments) if seg[2] == 0]
+    continuations = [i for i, seg in enumerate(segments) if seg[2] > 0]
+    buckets = []
+    for members in (heads, continuations):  # a continuation's bucket needs a mask: prompts keep the causal kernel
+        for bucket in length_buckets([segments[i][1] for i in members]):
+            buckets.append(_bucket([segments[members[i]] for i in bucket], device))
+    place = torch.cat([b.q_index[b.real] for b in buckets])
+    order = torch.empty_like(place)
+    order[place] = torch.arange(place.numel(), device=device)  # every flat token is in exactly one segment
+    plan = _Plan(buckets=buckets, order=order)
+    _LAST_PLAN[:] = [weakref.ref(position_ids), (width, device), plan]
+    return plan
+
+
 def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, *, position_ids: torch.Tensor | None = None,
                         scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
-                        **kwargs: Any) -> tuple[torch.Tensor, None]:
+                        is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The ``AttentionInterface`` function: query [B, H, L, D], key/value [B, H_kv, L, D] -> ([B, L, H, D], None).
 
-    A packed causal forward: the segments (of every row) are gathered into length buckets, each right-padded to its
-    longest and attended in one sdpa call (a head: causal, a real token never sees the padding after it; a
-    continuation: its head's prefix, then causal), and the real tokens' outputs are put back in place: gathers whose
-    backward is an index-add."""
-    if not _packed_causal(module, query, key, attention_mask, position_ids, sliding_window):
+    A packed causal forward: the segments (of every row) are gathered into length buckets (prompts and whole
+    sequences apart from continuations), each right-padded to its longest and attended in one sdpa call (causal: a
+    real token never sees the padding after it; a continuation: its prompt, then causal, by an explicit mask), and
+    the real tokens' outputs are put back in place: gathers whose backward is an index-add."""
+    if not _packed_causal(module, query, key, attention_mask, position_ids, sliding_window, is_causal):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      sliding_window=sliding_window, position_ids=position_ids, **kwargs)
+                                      sliding_window=sliding_window, position_ids=position_ids, is_causal=is_causal,
+                                      **kwargs)
     assert position_ids is not None
     served = _SERVED.get()
     if served is not None:
         served.append(1)
     batch, heads, width, dim = query.shape
-    device = query.device
-    segments = _segments(position_ids, width)
+    if position_ids.shape[0] != batch:  # one row of positions for every row of the batch
+        position_ids = position_ids.expand(batch, -1)
+    plan = _plan(position_ids, width, query.device)
     # [B * L, heads, D]: every token of every row, row-major
     q, k, v = (t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value))
-    outputs, places = [], []
-    for bucket in length_buckets([seg[1] for seg in segments]):
-        start, size, prefix, head = (torch.tensor([segments[i][f] for i in bucket], device=device)[:, None]
-                                     for f in range(4))
-        longest = int(size.max())
-        step = torch.arange(longest, device=device)[None]
-        # [n, longest] flat token of each query slot; a padded slot repeats its segment's last token (its output is
-        # dropped, and under the causal mask no real token attends to it)
-        q_index = start + torch.minimum(step, size - 1)
-        qb = q.index_select(0, q_index.flatten()).view(*q_index.shape, heads, dim).transpose(1, 2)
-        if int(prefix.max()) == 0:  # heads only: keys are the queries' tokens, sdpa's own causal kernel
-            k_index, mask, causal = q_index, None, True
-        else:  # keys: the head's first `prefix` tokens, then the segment's own; bottom-right causal after the prefix
-            slots = torch.arange(int((prefix + size).max()), device=device)[None]
-            own = start + torch.clamp(slots - prefix, min=0).minimum(size - 1)
-            k_index = torch.where(slots < prefix, head + slots, own)
-            # query slot a sees key slots j <= prefix + a (padded query slots: as the segment's last token)
-            mask = (slots[:, None, :] <= (prefix + torch.minimum(step, size - 1))[:, :, None])[:, None]
-            causal = False
-        kb, vb = (t.index_select(0, k_index.flatten()).view(*k_index.shape, t.shape[1], dim).transpose(1, 2)
+    outputs = []
+    for b in plan.buckets:
+        qb = q.index_select(0, b.q_index.flatten()).view(*b.q_index.shape, heads, dim).transpose(1, 2)
+        kb, vb = (t.index_select(0, b.k_index.flatten()).view(*b.k_index.shape, t.shape[1], dim).transpose(1, 2)
                   for t in (k, v))
+        mask = b.mask()
+        gqa = kb.shape[1] != heads
+        if gqa and mask is not None and query.is_cuda:
+            # CUDA's fused kernels take grouped-query attention only without a mask (else the math kernel runs)
+            kb, vb = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (kb, vb))
+            gqa = False
         out = torch.nn.functional.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling,
-            enable_gqa=kb.shape[1] != heads)
-        real = step < size
-        outputs.append(out.transpose(1, 2)[real])  # [real tokens of the bucket, heads, D]
-        places.append(q_index[real])
-    place = torch.cat(places)
-    order = torch.empty_like(place)
-    order[place] = torch.arange(place.numel(), device=device)  # every flat token is in exactly one segment
-    return torch.cat(outputs).index_select(0, order).view(batch, width, heads, dim), None
+            qb, kb, vb, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=gqa)
+        outputs.append(out.transpose(1, 2)[b.real])  # [real tokens of the bucket, heads, D]
+    return torch.cat(outputs).index_select(0, plan.order).view(batch, width, heads, dim), None
 
 
 def varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, q_length: int | None = None,
                 kv_length: int | None = None, **kwargs: Any) -> torch.Tensor | None:
-    """The ``AttentionMaskInterface`` function: no mask for a forward without a 2D mask or cache (the attention
-    function finds the sequences from the positions), transformers' sdpa mask otherwise."""
-    if attention_mask is None and q_length == kv_length and not kwargs.get("q_offset"):
+    """The ``AttentionMaskInterface`` function: no mask for a causal forward without a 2D mask, cache or local window
+    (the attention function finds the sequences from the positions), transformers' sdpa mask otherwise."""
+    if attention_mask is None and q_length == kv_length and not kwargs.get("q_offset") \
+            and kwargs.get("local_size") is None:
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,  # type: ignore[misc]
                      **kwargs)

@@ -224,7 +224,7 @@ class PolicyConfig:
 
     def check(self) -> list[str]:
         problems = choice_problems("policy_config.dtype", self.dtype, WeightsDtype)
-        if self.share_prompt and self.attention() != "sdpa_varlen":
+        if self.share_prompt and (self.attention() != "sdpa_varlen" or not self.padding_free):
             problems.append(f"policy_config.share_prompt needs attn_implementation sdpa_varlen (or null with "
                             f"padding_free), got {self.attn_implementation} with padding_free {self.padding_free}: "
                             f"only it lets a response attend to a prompt computed once")

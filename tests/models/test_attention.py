@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from diva_lightning.data.schema import decode_image
 from diva_lightning.data.world import generate_world
-from diva_lightning.models.attention import VARLEN, packs_in_one_row, sequence_bounds, varlen_sdpa_forward
+from diva_lightning.models.attention import (
+    VARLEN,
+    packs_in_one_row,
+    sequence_bounds,
+    varlen_calls,
+    varlen_sdpa_forward,
+)
 from diva_lightning.models.logprobs import completion_logprobs
 from diva_lightning.models.policy import load_policy
 from diva_lightning.rollout.hf import HFGenerateEngine
@@ -109,6 +115,17 @@ def test_a_continuation_without_its_prompt_is_refused() -> None:
         varlen_sdpa_forward(_Causal(), q, q, q, None, position_ids=torch.tensor([[0, 1, 3, 4]]))
 
 
+def test_share_prompt_is_refused_where_it_cannot_work() -> None:
+    """Only sdpa_varlen on the padding-free path lets a response attend to a prompt computed once."""
+    assert PolicyConfig(share_prompt=True).check() == []
+    for cfg in (PolicyConfig(share_prompt=True, attn_implementation="sdpa"),
+                PolicyConfig(share_prompt=True, attn_implementation="flash_attention_2"),
+                PolicyConfig(share_prompt=True, attn_implementation="sdpa_varlen", padding_free=False)):
+        assert any("policy_config.share_prompt needs" in p for p in cfg.check()), cfg
+    assert PolicyConfig(attn_implementation="sdpa").shares_prompt() is False  # null: off where it cannot work
+    assert PolicyConfig().shares_prompt() is True
+
+
 def test_the_default_policy_config_packs_in_one_row() -> None:
     assert PolicyConfig().attention() == VARLEN and packs_in_one_row(PolicyConfig().attention())
     assert PolicyConfig(padding_free=False).attention() is None  # the padded path: transformers' choice
@@ -118,13 +135,19 @@ def test_the_default_policy_config_packs_in_one_row() -> None:
 
 
 def test_outside_packed_forwards_it_is_transformers_sdpa(tiny_policy_dir: str) -> None:
-    """Left-padded scoring and sampled generation (KV cache) give exactly what sdpa gives."""
+    """Left-padded scoring and sampled generation (KV cache) give exactly what sdpa gives; so does the generation
+    of one unpadded prompt, whose prefill is one causal segment per row on the packed path."""
     sdpa, varlen = (load_policy(tiny_policy_dir, attn_implementation=a) for a in ("sdpa", VARLEN))
     records = generate_world(3, seed=1, split="train")
     inputs = sdpa.encode([r.problem for r in records], [[decode_image(r.images[0])] for r in records])
     engine = HFGenerateEngine()
     rolls = [engine.generate(b, inputs, num_generations=2, max_new_tokens=12, seed=3) for b in (sdpa, varlen)]
     assert torch.equal(rolls[0].completion_ids, rolls[1].completion_ids)
+    one = sdpa.encode([records[0].problem], [[decode_image(records[0].images[0])]])
+    with varlen_calls() as served:
+        single = [engine.generate(b, one, num_generations=3, max_new_tokens=12, seed=4) for b in (sdpa, varlen)]
+    assert torch.equal(single[0].completion_ids, single[1].completion_ids)
+    assert served  # the unpadded prefill did take the packed path
     roll = rolls[0]
     with torch.no_grad():
         a, b = (completion_logprobs(m.model, inputs, roll.completion_ids, roll.completion_mask,

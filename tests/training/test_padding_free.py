@@ -89,6 +89,28 @@ def test_packed_scores_and_gradients_equal_the_padded_path(setup: tuple, pack: b
     _assert_close(_grads(model), want)
 
 
+def test_a_shared_prompt_with_empty_completions_equals_the_padded_path(setup: tuple) -> None:
+    """Zero-length completions (the first of a prompt's too) score nothing and shift nothing."""
+    bundle, inputs, roll = setup
+    model = bundle.model
+    mask = roll.completion_mask.clone()
+    mask[[0, 3, 4]] = 0  # the first response of prompt 0, and of prompt 1, and another
+    kw = {"prompt_index": roll.prompt_index, "with_entropy": True}
+    ref, _ = completion_logprobs(model, inputs, roll.completion_ids, mask, **kw)
+    ref.sum().backward()
+    want = _grads(model)
+    model.set_attn_implementation("sdpa_varlen")
+    try:
+        logp, _ = packed_logprobs(model, inputs, roll.completion_ids, mask, pack_width=1 << 30, share_prompt=True,
+                                  **kw)
+    finally:
+        model.set_attn_implementation("sdpa")
+    logp.sum().backward()
+    torch.testing.assert_close(logp, ref, atol=2e-6, rtol=1e-5)
+    assert torch.equal(logp == 0, mask == 0)
+    _assert_close(_grads(model), want)
+
+
 def test_a_shared_prompt_needs_sdpa_varlen(setup: tuple) -> None:
     """Under sdpa the completions after the first would not see their prompt: refused, not silently wrong."""
     bundle, inputs, roll = setup
