@@ -16,13 +16,11 @@ import torch
 from torch import Tensor
 
 from diva_lightning.core.correction import importance_weights
-from diva_lightning.data.schema import decode_image
-from diva_lightning.data.world import generate_world
-from diva_lightning.models.logprobs import completion_logprobs, packed_logprobs, sequence_lengths
-from diva_lightning.models.policy import PolicyBundle, load_policy
-from diva_lightning.rollout.hf import HFGenerateEngine
+from diva_lightning.models.logprobs import completion_logprobs, sequence_lengths
+from diva_lightning.models.policy import PolicyBundle
 from diva_lightning.training.config import CorrectionConfig, LossConfig
 from diva_lightning.training.ppo import PPOUpdate, UpdateBatch
+from tests.helpers.update_hooks import RecordingHooks, small_round
 
 N = 8
 CAP = 1.5  # low, so that the perturbed engine log-probs push some tokens and sequences over it
@@ -30,40 +28,7 @@ CAP = 1.5  # low, so that the perturbed engine log-probs push some tokens and se
 
 @pytest.fixture(scope="module")
 def setup(tiny_policy_dir: str) -> tuple[PolicyBundle, dict[str, Tensor], object]:
-    bundle = load_policy(tiny_policy_dir)
-    records = generate_world(2, seed=0, split="train")
-    inputs = bundle.encode([r.problem for r in records], [[decode_image(r.images[0])] for r in records])
-    roll = HFGenerateEngine().generate(bundle, inputs, num_generations=4, max_new_tokens=6, seed=0)
-    return bundle, inputs, roll
-
-
-class Hooks:
-    """UpdateHooks over the tiny model, padded or packed; records the step's gradients and the forwards."""
-
-    def __init__(self, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: object, *, packed: bool) -> None:
-        self.model, self.inputs, self.roll, self.packed = bundle.model, inputs, roll, packed
-        self.grads: dict[str, Tensor] = {}
-        self.forwards: list[list[int]] = []
-
-    def score(self, rows: list[int], *, entropy: bool) -> tuple[Tensor, Tensor | None]:
-        self.forwards.append(rows)
-        r = self.roll
-        fn = packed_logprobs if self.packed else completion_logprobs
-        return fn(self.model, self.inputs, r.completion_ids[rows], r.completion_mask[rows],  # type: ignore[attr-defined]
-                  prompt_index=r.prompt_index[rows], with_entropy=entropy)  # type: ignore[attr-defined]
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
-        self.model.zero_grad(set_to_none=True)
-
-    def token_denominator(self, mask: Tensor) -> float:
-        return float(mask.sum())
-
-    def max_over_ranks(self, value: int) -> int:
-        return value
+    return small_round(tiny_policy_dir)
 
 
 def _mask(roll: object) -> Tensor:
@@ -111,13 +76,13 @@ def test_weights_from_the_update_forward_equal_a_separate_pass(setup: tuple, lev
     weights, cstats = importance_weights(trainer, engine, mask, level=level, mode=mode, cap=CAP)  # type: ignore[arg-type]
     over = cstats.frac_truncated if mode == "truncate" else cstats.frac_masked
     assert 0 < float(over) < 1  # some units over the cap, some under
-    old_hooks = Hooks(bundle, inputs, roll, packed=packed)
+    old_hooks = RecordingHooks(bundle, inputs, roll, packed=packed)
     want = _update(packed).run(UpdateBatch(advantages=adv, mask=mask, ref_logp=ref, is_weights=weights, **layout),
                                old_hooks, generator=torch.Generator())
     want.update(cstats.metrics())
 
     # the new path: no pass, the weights from each micro-batch's own forward
-    hooks = Hooks(bundle, inputs, roll, packed=packed)
+    hooks = RecordingHooks(bundle, inputs, roll, packed=packed)
     got = _update(packed).run(UpdateBatch(advantages=adv, mask=mask, ref_logp=ref, engine_logp=engine,
                                           correction=cfg, **layout), hooks, generator=torch.Generator())
     assert len(hooks.forwards) > 1 and sorted(r for rows in hooks.forwards for r in rows) == list(range(N))
@@ -138,12 +103,12 @@ def test_with_old_logps_the_weights_are_computed_before_the_steps(setup: tuple) 
     trainer, engine = _engine_logp(bundle, inputs, roll, mask)
     weights, cstats = importance_weights(trainer, engine, mask, level="sequence", mode="truncate", cap=CAP)
     update = PPOUpdate(LossConfig(), mini_batch_size=4)
-    old_hooks = Hooks(bundle, inputs, roll, packed=False)
+    old_hooks = RecordingHooks(bundle, inputs, roll, packed=False)
     adv = torch.randn(N, generator=torch.Generator().manual_seed(1))
     want = update.run(UpdateBatch(advantages=adv, mask=mask, old_logp=trainer, is_weights=weights), old_hooks,
                       generator=torch.Generator().manual_seed(0))
     want.update(cstats.metrics())
-    hooks = Hooks(bundle, inputs, roll, packed=False)
+    hooks = RecordingHooks(bundle, inputs, roll, packed=False)
     got = update.run(UpdateBatch(advantages=adv, mask=mask, old_logp=trainer, engine_logp=engine,
                                  correction=CorrectionConfig(level="sequence", mode="truncate", cap=CAP)), hooks,
                      generator=torch.Generator().manual_seed(0))
@@ -158,7 +123,7 @@ def test_bad_correction_inputs_are_refused_before_any_forward(setup: tuple) -> N
     adv = torch.zeros(N)
     engine = torch.zeros(mask.shape)
     cfg = CorrectionConfig()
-    hooks = Hooks(bundle, inputs, roll, packed=False)
+    hooks = RecordingHooks(bundle, inputs, roll, packed=False)
     cases = [
         (UpdateBatch(advantages=adv, mask=mask, engine_logp=engine), "engine_logp and UpdateBatch.correction go"),
         (UpdateBatch(advantages=adv, mask=mask, correction=cfg), "engine_logp and UpdateBatch.correction go"),

@@ -26,6 +26,7 @@ from diva_lightning.models.policy import PolicyBundle, load_policy
 from diva_lightning.rollout.hf import HFGenerateEngine
 from diva_lightning.training.config import LossConfig
 from diva_lightning.training.ppo import PPOUpdate, UpdateBatch, token_budget_partition
+from tests.helpers.update_hooks import RecordingHooks
 
 G = 3
 
@@ -174,45 +175,6 @@ def test_each_distinct_image_is_encoded_once(setup: tuple) -> None:
         hook.remove()
 
 
-class Recorder:
-    """UpdateHooks over the tiny model, scoring padded (the reference) or packed; records gradients per step."""
-
-    def __init__(self, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: object, *, packed: bool,
-                 ranks_need: int = 0, share: bool = False) -> None:
-        self.model, self.inputs, self.roll, self.packed = bundle.model, inputs, roll, packed
-        self.steps: list[dict[str, Tensor]] = []
-        self.forwards: list[list[int]] = []
-        self.ranks_need = ranks_need  # what another rank needs: max_over_ranks returns the larger
-        self.share = share  # one row under sdpa_varlen, each prompt once per forward (the module's default)
-
-    def score(self, rows: list[int], *, entropy: bool) -> tuple[Tensor, Tensor | None]:
-        self.forwards.append(rows)
-        r = self.roll
-        if self.share:
-            self.model.set_attn_implementation("sdpa_varlen")
-            try:
-                return packed_logprobs(self.model, self.inputs, r.completion_ids[rows],  # type: ignore[attr-defined]
-                                       r.completion_mask[rows], prompt_index=r.prompt_index[rows],  # type: ignore[attr-defined]
-                                       with_entropy=entropy, pack_width=1 << 30, share_prompt=True)
-            finally:
-                self.model.set_attn_implementation("sdpa")
-        fn = packed_logprobs if self.packed else completion_logprobs
-        return fn(self.model, self.inputs, r.completion_ids[rows], r.completion_mask[rows],  # type: ignore[attr-defined]
-                  prompt_index=r.prompt_index[rows], with_entropy=entropy)  # type: ignore[attr-defined]
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.steps.append(_grads(self.model))
-
-    def token_denominator(self, mask: Tensor) -> float:
-        return float(mask.sum())
-
-    def max_over_ranks(self, value: int) -> int:
-        return max(value, self.ranks_need)
-
-
 def _batch(inputs: dict[str, Tensor], roll: object) -> UpdateBatch:
     g = torch.Generator().manual_seed(1)
     mask = roll.completion_mask.bool()  # type: ignore[attr-defined]
@@ -232,9 +194,9 @@ def test_token_budget_update_equals_one_padded_forward(setup: tuple, agg: str, r
     """Aggregation over a token budget does not change what a token weighs: same loss, statistics, gradients."""
     bundle, inputs, roll = setup
     loss = LossConfig(agg=agg, ratio_level=ratio_level, entropy_coef=0.01, kl_coef=0.05)
-    ref_hooks = Recorder(bundle, inputs, roll, packed=False)
+    ref_hooks = RecordingHooks(bundle, inputs, roll, packed=False)
     want = PPOUpdate(loss, max_len=max_len).run(_batch(inputs, roll), ref_hooks, generator=torch.Generator())
-    hooks = Recorder(bundle, inputs, roll, packed=True)
+    hooks = RecordingHooks(bundle, inputs, roll, packed=True)
     budget = 300  # two or three responses per forward (sequences are 94-129 tokens here, one 312)
     got = PPOUpdate(loss, max_len=max_len, max_tokens_per_micro_batch=budget).run(
         _batch(inputs, roll), hooks, generator=torch.Generator())
@@ -253,11 +215,11 @@ def test_a_shared_prompt_budget_counts_each_prompt_once(setup: tuple, agg: str) 
     and still the loss, statistics and gradients of one padded forward."""
     bundle, inputs, roll = setup
     loss = LossConfig(agg=agg, entropy_coef=0.01, kl_coef=0.05)
-    ref_hooks = Recorder(bundle, inputs, roll, packed=False)
+    ref_hooks = RecordingHooks(bundle, inputs, roll, packed=False)
     want = PPOUpdate(loss, max_len=10).run(_batch(inputs, roll), ref_hooks, generator=torch.Generator())
     batch = _batch(inputs, roll)
     batch.shared_prompt_lens = inputs["attention_mask"].sum(dim=1)[roll.prompt_index]
-    hooks = Recorder(bundle, inputs, roll, packed=True, share=True)
+    hooks = RecordingHooks(bundle, inputs, roll, packed=True, share=True)
     budget = 300
     got = PPOUpdate(loss, max_len=10, max_tokens_per_micro_batch=budget).run(batch, hooks,
                                                                              generator=torch.Generator())

@@ -6,49 +6,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from diva_lightning.data.schema import decode_image
-from diva_lightning.data.world import generate_world
-from diva_lightning.models.logprobs import completion_logprobs
-from diva_lightning.models.policy import PolicyBundle, load_policy
-from diva_lightning.rollout.hf import HFGenerateEngine
+from diva_lightning.models.policy import PolicyBundle
 from diva_lightning.training.config import LossConfig
 from diva_lightning.training.ppo import PPOUpdate, UpdateBatch
+from tests.helpers.update_hooks import RecordingHooks, small_round
 
 N = 8
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_policy_dir: str) -> tuple[PolicyBundle, dict[str, Tensor], object]:
-    bundle = load_policy(tiny_policy_dir)
-    records = generate_world(2, seed=0, split="train")
-    inputs = bundle.encode([r.problem for r in records], [[decode_image(r.images[0])] for r in records])
-    roll = HFGenerateEngine().generate(bundle, inputs, num_generations=4, max_new_tokens=6, seed=0)
-    return bundle, inputs, roll
-
-
-class GradRecorder:
-    """UpdateHooks over a plain model: records each optimizer step's gradients instead of stepping."""
-
-    def __init__(self, bundle: PolicyBundle, inputs: dict[str, Tensor], roll: object) -> None:
-        self.model, self.inputs, self.roll = bundle.model, inputs, roll
-        self.steps: list[dict[str, Tensor]] = []
-        self.forwards = 0
-
-    def score(self, rows: list[int], *, entropy: bool) -> tuple[Tensor, Tensor | None]:
-        self.forwards += 1
-        r = self.roll
-        return completion_logprobs(self.model, self.inputs, r.completion_ids[rows], r.completion_mask[rows],  # type: ignore[attr-defined]
-                                   prompt_index=r.prompt_index[rows], with_entropy=entropy)  # type: ignore[attr-defined]
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        self.steps.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
-        self.model.zero_grad(set_to_none=True)
-
-    def token_denominator(self, mask: Tensor) -> float:
-        return float(mask.sum())
+    return small_round(tiny_policy_dir)
 
 
 def _batch(roll: object, *, with_old: bool) -> UpdateBatch:
@@ -70,10 +38,10 @@ def test_one_micro_batch_of_8_equals_8_of_1(setup: tuple, agg: str, ratio_level:
     loss = LossConfig(agg=agg, ratio_level=ratio_level, entropy_coef=0.01)
     grads = []
     for micro in (8, 1):
-        hooks = GradRecorder(bundle, inputs, roll)
+        hooks = RecordingHooks(bundle, inputs, roll)
         PPOUpdate(loss, micro_batch_size=micro, max_len=6).run(_batch(roll, with_old=True), hooks,
                                                                generator=torch.Generator().manual_seed(0))
-        assert len(hooks.steps) == 1 and hooks.forwards == N // micro
+        assert len(hooks.steps) == 1 and len(hooks.forwards) == N // micro
         grads.append(hooks.steps[0])
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, g in grads[0].items():
@@ -84,7 +52,7 @@ def test_mini_batches_take_one_step_each_and_need_old_logps(setup: tuple) -> Non
     bundle, inputs, roll = setup
     update = PPOUpdate(LossConfig(), epochs=2, mini_batch_size=4)
     assert update.steps_per_round(N) == 4 and not update.single_step(N)
-    hooks = GradRecorder(bundle, inputs, roll)
+    hooks = RecordingHooks(bundle, inputs, roll)
     update.run(_batch(roll, with_old=True), hooks, generator=torch.Generator().manual_seed(0))
     assert len(hooks.steps) == 4
     # old = current is REINFORCE on stale samples after the first step: refused, not silently done
@@ -97,7 +65,7 @@ def test_dr_grpo_constant_is_the_budget_not_the_longest_response(setup: tuple) -
     bundle, inputs, roll = setup
     stats = []
     for max_len in (6, 12):
-        hooks = GradRecorder(bundle, inputs, roll)
+        hooks = RecordingHooks(bundle, inputs, roll)
         stats.append(PPOUpdate(LossConfig(agg="seq_mean_token_sum_norm"), max_len=max_len).run(
             _batch(roll, with_old=True), hooks, generator=torch.Generator().manual_seed(0)))
     assert stats[0]["loss/policy"] == pytest.approx(2 * stats[1]["loss/policy"], rel=1e-5)
