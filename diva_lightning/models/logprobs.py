@@ -513,12 +513,12 @@ def packed_logprobs(
     for p in distinct:
         g = None if grid is None or n_img[p] == 0 else grid[img_start[p] : img_start[p] + int(n_img[p])]
         prompt_pos[p] = _prompt_positions(inner, prompt_ids[p], g, image_token_id).to(device)
-    members: dict[int, list[int]] = {}
+    placed: dict[int, list[int]] = {}  # prompt -> its responses in one unit (shared) or one unit each
     for i, p in enumerate(rows):
-        members.setdefault(p, []).append(i)
+        placed.setdefault(p, []).append(i)
+    unit_members = list(placed.items()) if share_prompt else [(p, [i]) for i, p in enumerate(rows)]
     units = [_unit(p, group, prompt_ids[p].to(device), prompt_pos[p], completion_ids, lengths)
-             for p, group in members.items()] if share_prompt else \
-        [_unit(p, [i], prompt_ids[p].to(device), prompt_pos[p], completion_ids, lengths) for i, p in enumerate(rows)]
+             for p, group in unit_members]
     sizes = [int(u.ids.shape[0]) for u in units]
     width = max(max(sizes), pack_width or 0) if pack else max(sizes)
     # rows of the forward: packed, each row holds whole units up to `width` tokens (first fit, longest first;

@@ -81,7 +81,7 @@ class RoundScorer:
         index = self.roll.prompt_index.to(self.system.device)
         mask = self.roll.completion_mask.to(self.system.device)
         shared = None
-        if self.system.policy_cfg.padding_free and self.system.policy_cfg.shares_prompt():
+        if self.system.policy_cfg.shares_prompt():
             shared = self.inputs["attention_mask"].sum(dim=1).to(index.device)[index]
         return {"seq_lens": sequence_lengths(self.inputs, index, mask), "groups": index, "shared_prompt_lens": shared}
 

@@ -219,7 +219,10 @@ class PolicyConfig:
         return self.attn_implementation
 
     def shares_prompt(self) -> bool:
-        """Whether scoring computes each prompt once for its responses (``share_prompt`` resolved)."""
+        """Whether scoring computes each prompt once for its responses (``share_prompt`` resolved: only the
+        padding-free path under sdpa_varlen can; ``check`` refuses a ``true`` elsewhere)."""
+        if not self.padding_free:
+            return False
         return self.share_prompt if self.share_prompt is not None else self.attention() == "sdpa_varlen"
 
     def check(self) -> list[str]:
